@@ -1,0 +1,117 @@
+"""The hftk command line: parse flags, load the recipe, call run.py. No ML logic here."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from hftk.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-tune, evaluate and publish Hugging Face models from one YAML recipe.")
+
+EXIT_BAD_INPUT = 2
+
+RecipeArg = typer.Argument(..., help="The recipe YAML.", show_default=False)
+OverridesArg = typer.Argument(None, help="Dotted KEY=VALUE overrides, e.g. train.learning_rate=3e-4.",
+                              show_default=False)
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _offline_defaults() -> None:
+    # evaluate ignores HF_HUB_OFFLINE and would try (and hang on) the network; keep them in step.
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
+        os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def _guarded(action: Callable[[], object]) -> None:
+    """Bad input: one line on stderr and exit 2. Anything else is a bug and keeps its traceback (exit 1)."""
+    _offline_defaults()
+    try:
+        action()
+    except UserError as err:
+        if _is_main_process():
+            print(f"hftk: error: {err}", file=sys.stderr)
+        raise typer.Exit(EXIT_BAD_INPUT) from None
+
+
+@app.command()
+def finetune(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Validate the recipe, prepare data, train, evaluate and save."""
+    from hftk.recipe import load_recipe
+
+    def action():
+        from hftk.run import finetune as run_finetune
+
+        run_finetune(load_recipe(recipe, overrides))
+
+    _guarded(action)
+
+
+@app.command(name="eval")
+def evaluate(
+    recipe: Path = RecipeArg,
+    overrides: Optional[list[str]] = OverridesArg,
+    model: Optional[str] = typer.Option(None, "--model", help="Saved model directory [default: train.output_dir]."),
+    split: str = typer.Option("validation", "--split", help="validation, test or train."),
+    output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Where results go [default: the model directory]."),
+) -> None:
+    """Evaluate a saved model on a split; writes eval_results.json and predictions.jsonl."""
+    from hftk.recipe import load_recipe
+
+    def action():
+        from hftk.run import evaluate_saved
+
+        if split not in {"train", "validation", "test"}:
+            raise UserError(f"--split must be train, validation or test, not '{split}'")
+        results = evaluate_saved(load_recipe(recipe, overrides), model, split, output_dir)
+        if _is_main_process():
+            for key, value in results.items():
+                typer.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+
+    _guarded(action)
+
+
+@app.command()
+def validate(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg) -> None:
+    """Check the recipe, its files and columns and the model config without loading a model."""
+    from hftk.recipe import load_recipe
+
+    def action():
+        from hftk.run import plan_finetune
+
+        plan = plan_finetune(load_recipe(recipe, overrides))
+        sizes = ", ".join(f"{k}: {len(v)} rows" for k, v in plan.splits.items())
+        typer.echo(f"ok: {plan.recipe.task} on a {plan.encoding.family} {plan.config.model_type} model; {sizes}")
+
+    _guarded(action)
+
+
+@app.command()
+def push(
+    run_dir: Path = typer.Argument(..., help="A finished run's output_dir.", show_default=False),
+    repo_id: str = typer.Option(..., "--repo-id", help="USER/NAME on the Hugging Face Hub."),
+    private: bool = typer.Option(False, "--private", help="Create the repository as private."),
+) -> None:
+    """Upload a finished run with its model card through huggingface_hub."""
+
+    def action():
+        from hftk.hub import push_run
+
+        if "/" not in repo_id:
+            raise UserError(f"--repo-id must be USER/NAME, not '{repo_id}'")
+        typer.echo(push_run(run_dir, repo_id, private, token=None))
+
+    _guarded(action)
+
+
+def main() -> None:
+    app(prog_name="hftk")

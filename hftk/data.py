@@ -1,0 +1,113 @@
+"""Raw splits (local files or the Hub) through `datasets`, checked, tokenized with a cached map."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from hftk.errors import UserError
+from hftk.recipe import DataSection, DataSource
+from hftk.tasks.base import EXAMPLE_INDEX, Task
+
+FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+ROWS_CHECKED = 100
+
+
+def is_local(source: DataSource) -> bool:
+    path = Path(source.path)
+    suffixes = [s for s in path.suffixes if s != ".gz"]
+    return path.exists() or bool(suffixes and suffixes[-1] in FILE_BUILDERS)
+
+
+def load_split(source: DataSource, key: str) -> datasets.Dataset:
+    where = f"data.{key}"
+    if is_local(source):
+        dataset = _load_file(Path(source.path), where)
+    else:
+        dataset = _load_hub(source, where)
+    if len(dataset) == 0:
+        raise UserError(f"{where}: {source.path} holds no rows")
+    return dataset
+
+
+def _load_file(path: Path, where: str) -> datasets.Dataset:
+    if not path.is_file():
+        raise UserError(f"{where}: file not found: {path}")
+    if path.stat().st_size == 0:
+        raise UserError(f"{where}: {path} is empty")
+    suffix = [s for s in path.suffixes if s != ".gz"][-1:] or [""]
+    builder = FILE_BUILDERS.get(suffix[0])
+    if builder is None:
+        raise UserError(f"{where}: {path} is not a .json, .jsonl, .csv or .parquet file")
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as err:  # the builders raise many types for a malformed file
+        raise UserError(f"{where}: cannot read {path}: {_reason(err)}") from None
+
+
+def _load_hub(source: DataSource, where: str) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(source.path, source.name, split=source.split, revision=source.revision)
+    except ValueError as err:
+        if "split" in str(err).lower():
+            raise UserError(f"{where}: dataset '{source.path}' has no split '{source.split}': {_reason(err)}") from None
+        raise UserError(f"{where}: cannot load dataset '{source.path}': {_reason(err)}") from None
+    except Exception as err:
+        raise UserError(
+            f"{where}: '{source.path}' is not a local file and cannot be loaded from the Hugging Face Hub "
+            f"({_reason(err)}); give a local .json/.jsonl/.csv/.parquet file"
+        ) from None
+
+
+def _reason(err: BaseException) -> str:
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return (lines[0] if lines else type(err).__name__)[:300]
+
+
+def check_split(dataset: datasets.Dataset, task: Task, data: DataSection, key: str) -> None:
+    where = f"data.{key}"
+    missing = [c for c in task.columns(data) if c not in dataset.column_names]
+    if missing:
+        raise UserError(
+            f"{where}: missing column{'s' if len(missing) > 1 else ''} {', '.join(repr(m) for m in missing)} "
+            f"(columns are: {', '.join(dataset.column_names)})"
+        )
+    task.check_rows(dataset[:ROWS_CHECKED], data, where)
+
+
+def load_checked(task: Task, data: DataSection, keys: list[str]) -> dict[str, datasets.Dataset]:
+    splits = {}
+    for key in keys:
+        source = getattr(data, key)
+        if source is None:
+            continue
+        dataset = load_split(source, key)
+        check_split(dataset, task, data, key)
+        limit = data.max_train_samples if key == "train" else data.max_eval_samples
+        splits[key] = dataset.select(range(min(limit, len(dataset)))) if limit else dataset
+    return splits
+
+
+def _encode(rows: dict[str, list[Any]], indices: list[int], task: Task, tokenizer: Any, data: DataSection,
+            family: str, training: bool) -> dict[str, list[Any]]:
+    features = task.preprocess(rows, tokenizer, data, family, training)
+    if not training:
+        features[EXAMPLE_INDEX] = list(indices)
+    return features
+
+
+def tokenize(dataset: datasets.Dataset, task: Task, tokenizer: Any, data: DataSection, family: str,
+             training: bool) -> datasets.Dataset:
+    """datasets caches the result under a fingerprint of the function and its arguments, so a change of
+    tokenizer, lengths, columns or family makes a new cache entry instead of reusing a stale one."""
+    return dataset.map(
+        _encode,
+        with_indices=True,
+        batched=True,
+        remove_columns=dataset.column_names,
+        fn_kwargs={"task": task, "tokenizer": tokenizer, "data": data, "family": family, "training": training},
+        num_proc=data.preprocessing_num_workers,
+        desc="tokenizing",
+    )

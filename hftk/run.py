@@ -1,0 +1,233 @@
+"""Wires one validated recipe into tokenizer, model, data, loop, evaluation and checkpoints.
+
+Phases, in order: plan (every input check, nothing loaded or written) -> setup (accelerator,
+tokenizer, model, data) -> train -> finish (final checkpoint, model, evaluation, results, card).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from hftk import checkpoint, data, metrics, models
+from hftk.errors import UserError
+from hftk.hub import write_model_card
+from hftk.recipe import Recipe
+from hftk.tasks import get_task
+from hftk.tasks.base import Encoding, Task
+from hftk.tracking import MetricsLog, log, setup_logging
+
+
+@dataclass
+class Plan:
+    """Everything learned from the inputs before any model is loaded."""
+
+    recipe: Recipe
+    task: Task
+    config: Any
+    encoding: Encoding
+    splits: dict[str, datasets.Dataset]
+    resume_from: Path | None = None
+
+
+def plan_finetune(recipe: Recipe) -> Plan:
+    output_dir = Path(recipe.train.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"train.output_dir: {output_dir} exists and is a file")
+    resume_from = checkpoint.resolve_resume(output_dir, recipe.train.resume_from_checkpoint)
+    if (checkpoint.holds_previous_run(output_dir) and not recipe.train.overwrite_output_dir
+            and not recipe.train.resume_from_checkpoint):
+        raise UserError(
+            f"train.output_dir: {output_dir} already holds a run; set train.resume_from_checkpoint=latest to "
+            f"continue it, train.overwrite_output_dir=true to start afresh, or choose another output_dir"
+        )
+    plan = plan_inputs(recipe, ["train", "validation"])
+    plan.resume_from = resume_from
+    return plan
+
+
+def plan_inputs(recipe: Recipe, split_keys: list[str], model_dir: str | None = None) -> Plan:
+    task = get_task(recipe.task)
+    metrics.check_metric_source(recipe.eval.metric_source)
+    splits = data.load_checked(task, recipe.data, split_keys)
+    model_section = recipe.model if model_dir is None else recipe.model.model_copy(
+        update={"name_or_path": model_dir, "config": None, "tokenizer": None})
+    config = models.resolve_config(model_section)
+    encoding = models.pick_encoding(task, config)
+    models.check_lengths(config, encoding.family, recipe.data.max_source_length, recipe.data.max_target_length)
+    return Plan(recipe, task, config, encoding, splits)
+
+
+def make_accelerator(seed: int):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    set_seed(seed)
+    setup_logging(accelerator.is_main_process)
+    return accelerator
+
+
+def build_tokenizer(plan: Plan, accelerator: Any) -> Any:
+    from hftk import tokenizer as tok
+
+    spec = plan.recipe.model.tokenizer
+    if spec is None or spec.train is None:
+        return tok.load_tokenizer(plan.recipe.model)
+    train = plan.splits["train"]
+    key = tok.training_key(spec.train, plan.encoding.family, train._fingerprint)
+    rows = train if spec.train.max_texts is None else train.select(range(min(spec.train.max_texts, len(train))))
+    texts = (t for start in range(0, len(rows), 1000)
+             for t in plan.task.texts(rows[start:start + 1000], plan.recipe.data) if t)
+    with accelerator.main_process_first():
+        return tok.trained_tokenizer(texts, spec.train, plan.encoding.family, key, accelerator.is_main_process)
+
+
+def make_loader(dataset: datasets.Dataset, collator: Any, batch_size: int, shuffle: bool, workers: int = 0):
+    from torch.utils.data import DataLoader
+
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collator, num_workers=workers)
+
+
+def tokenized(plan: Plan, accelerator: Any, tokenizer: Any, key: str, training: bool) -> datasets.Dataset:
+    with accelerator.main_process_first():
+        return data.tokenize(plan.splits[key], plan.task, tokenizer, plan.recipe.data, plan.encoding.family, training)
+
+
+def decoder_inputs_for(model: Any) -> Any:
+    return getattr(model, "prepare_decoder_input_ids_from_labels", None)
+
+
+def evaluate_split(plan: Plan, accelerator: Any, model: Any, tokenizer: Any, key: str) -> tuple[dict[str, float], list[dict]]:
+    from hftk.train.evaluation import run_evaluation
+
+    recipe, task = plan.recipe, plan.task
+    features = tokenized(plan, accelerator, tokenizer, key, training=False)
+    collator = task.collator(tokenizer, plan.encoding.family, decoder_inputs_for(accelerator.unwrap_model(model)))
+    loader = accelerator.prepare(make_loader(features, collator, recipe.eval.per_device_eval_batch_size, shuffle=False))
+    loss, by_index = run_evaluation(accelerator, model, loader, tokenizer, plan.encoding.family,
+                                    plan.encoding.generates, recipe.eval)
+    results = {"eval_loss": loss}
+    raw = plan.splits[key]
+    references = task.references(raw[:], recipe.data)
+    rows = []
+    if plan.encoding.generates:
+        order = sorted(by_index)
+        predictions = [by_index[i] for i in order]
+        scores = task.compute_metrics(predictions, [references[i] for i in order], recipe.eval.metric_source)
+        results.update({f"eval_{k}": v for k, v in scores.items()})
+        ids = raw[recipe.data.id_column or "id"] if (recipe.data.id_column or "id") in raw.column_names else order
+        rows = [{"id": ids[i], "prediction": by_index[i], "reference": references[i]} for i in order]
+    results["eval_samples"] = len(raw)
+    return results, rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def finetune(recipe: Recipe) -> dict[str, Any]:
+    from hftk.train.loop import LoopParts, train
+    from hftk.train.optim import build_optimizer, build_scheduler, total_optimizer_steps
+    from hftk.train.state import TrainState
+
+    plan = plan_finetune(recipe)
+    settings, output_dir = recipe.train, Path(recipe.train.output_dir)
+    accelerator = make_accelerator(settings.seed)
+    if accelerator.is_main_process:
+        if settings.overwrite_output_dir and output_dir.exists():
+            shutil.rmtree(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "recipe.yaml").write_text(recipe.dump_yaml())
+    accelerator.wait_for_everyone()
+
+    tokenizer = build_tokenizer(plan, accelerator)
+    model = models.build_model(recipe.model, plan.config, plan.encoding, tokenizer)
+    train_features = tokenized(plan, accelerator, tokenizer, "train", training=True)
+    collator = plan.task.collator(tokenizer, plan.encoding.family, decoder_inputs_for(model))
+    loader = make_loader(train_features, collator, settings.per_device_train_batch_size, True,
+                         settings.dataloader_num_workers)
+    optimizer = build_optimizer(model, settings)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    total_steps = total_optimizer_steps(settings, len(loader))
+    # Not passed to prepare(): Accelerate would step it once per process per optimizer step.
+    scheduler = build_scheduler(optimizer, settings, total_steps)
+    state = TrainState()
+    accelerator.register_for_checkpointing(scheduler, state)
+    metrics_log = MetricsLog(output_dir, accelerator.is_main_process)
+    if plan.resume_from is not None:
+        log.info(f"resuming from {plan.resume_from}")
+        accelerator.load_state(str(plan.resume_from))
+        metrics_log.truncate_after(state.optimizer_step)
+
+    def run_eval() -> dict[str, float]:
+        results, _ = evaluate_split(plan, accelerator, model, tokenizer, "validation")
+        return results
+
+    def save() -> None:
+        checkpoint.save_checkpoint(accelerator, output_dir, state.optimizer_step, recipe.dump_yaml(),
+                                   settings.save_total_limit)
+
+    parts = LoopParts(accelerator, model, optimizer, scheduler, loader, plan.encoding.family, total_steps, state,
+                      metrics_log, run_eval if "validation" in plan.splits else None, save)
+    log.info(f"training {total_steps} optimizer steps on {accelerator.num_processes} process(es)")
+    train_results = train(parts, settings)
+    save()
+    save_model(accelerator, model, tokenizer, output_dir)
+    results = dict(train_results)
+    if "validation" in plan.splits:
+        eval_results, rows = evaluate_split(plan, accelerator, model, tokenizer, "validation")
+        results.update(eval_results)
+        metrics_log.write({"step": state.optimizer_step, **eval_results})
+        if accelerator.is_main_process:
+            write_jsonl(output_dir / "predictions.jsonl", rows)
+    if accelerator.is_main_process:
+        (output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
+        write_model_card(output_dir, recipe.task, recipe.dump_yaml(), results, recipe.model.name_or_path)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+def save_model(accelerator: Any, model: Any, tokenizer: Any, output_dir: Path) -> None:
+    state_dict = accelerator.get_state_dict(model)  # gathers shards under ZeRO-3 / FSDP
+    accelerator.unwrap_model(model).save_pretrained(
+        output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
+        state_dict=state_dict,
+    )
+    if accelerator.is_main_process:
+        tokenizer.save_pretrained(output_dir)
+    accelerator.wait_for_everyone()
+
+
+def evaluate_saved(recipe: Recipe, model_dir: str | None, split: str, output_dir: str | None) -> dict[str, Any]:
+    import transformers
+
+    from hftk.tokenizer import with_pad_token
+
+    model_dir = model_dir or recipe.train.output_dir
+    if not (Path(model_dir) / "config.json").is_file():
+        raise UserError(f"--model: {model_dir} holds no saved model (no config.json)")
+    if getattr(recipe.data, split, None) is None:
+        raise UserError(f"--split: the recipe has no data.{split}")
+    plan = plan_inputs(recipe, [split], model_dir=model_dir)
+    accelerator = make_accelerator(recipe.train.seed)
+    tokenizer = with_pad_token(transformers.AutoTokenizer.from_pretrained(model_dir))
+    model = getattr(transformers, plan.encoding.auto_class).from_pretrained(model_dir)
+    model = accelerator.prepare(model)
+    results, rows = evaluate_split(plan, accelerator, model, tokenizer, split)
+    target = Path(output_dir or model_dir)
+    if accelerator.is_main_process:
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "eval_results.json").write_text(json.dumps(results, indent=2))
+        write_jsonl(target / "predictions.jsonl", rows)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results

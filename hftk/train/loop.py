@@ -1,0 +1,146 @@
+"""The one training loop: windows of micro-batches, one optimizer step each, then log/eval/save.
+
+Step semantics are optimizer steps everywhere (max_steps, logging, eval, save), identical for one
+or many processes. The only host synchronisation is at logging, eval and save steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from accelerate import skip_first_batches
+
+from hftk.recipe import TrainSection
+from hftk.train.objective import token_counts, token_loss_sums
+from hftk.train.state import TrainState
+from hftk.tracking import MetricsLog
+
+
+@dataclass
+class LoopParts:
+    accelerator: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    loader: Any
+    family: str
+    total_steps: int
+    state: TrainState
+    metrics_log: MetricsLog
+    evaluate: Callable[[], dict[str, float]] | None  # eval_* metrics at the current step
+    save: Callable[[], None]  # a full checkpoint at the current step
+
+
+def windows(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    """Consecutive groups of `size` micro-batches; the last group of an epoch may be shorter."""
+    window: list[Any] = []
+    for batch in batches:
+        window.append(batch)
+        if len(window) == size:
+            yield window
+            window = []
+    if window:
+        yield window
+
+
+@contextlib.contextmanager
+def micro_batch(accelerator: Any, model: Any, sync: bool):
+    # Accelerate's accumulate() counts micro-batches itself and syncs early when a loader ends; the
+    # loop fetches a whole window first (to normalise by its token count), so it says when to sync.
+    accelerator.gradient_state._set_sync_gradients(sync)
+    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+        yield
+
+
+def train_window(parts: LoopParts, window: list[dict[str, torch.Tensor]], max_grad_norm: float | None) -> torch.Tensor:
+    """One optimizer step over a window; returns this process's share of the step's global mean loss."""
+    accelerator, model = parts.accelerator, parts.model
+    local_count = sum(token_counts(b, parts.family).sum() for b in window)
+    global_count = accelerator.reduce(local_count.detach().clone(), reduction="sum").clamp(min=1)
+    share = torch.zeros((), device=accelerator.device)
+    for position, batch in enumerate(window):
+        with micro_batch(accelerator, model, sync=position == len(window) - 1):
+            loss = token_loss_sums(model, batch, parts.family).sum() / global_count
+            # DDP and DeepSpeed average gradients over processes; this loss is already a share of the
+            # global sum, so scale it back up to make the average the true gradient.
+            accelerator.backward(loss * accelerator.num_processes)
+            share += loss.detach()
+    if max_grad_norm is not None:
+        accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
+    parts.optimizer.step()
+    if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule where it was
+        parts.scheduler.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+    return share
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    tokens = batch["attention_mask"].sum()
+    if "decoder_input_ids" in batch:
+        tokens = tokens + (batch["labels"] != -100).sum()
+    return tokens
+
+
+def train(parts: LoopParts, settings: TrainSection) -> dict[str, float]:
+    accelerator, state = parts.accelerator, parts.state
+    parts.model.train()
+    # A checkpoint keeps the global pending sums (saved by the main process); add them in once.
+    carried = accelerator.is_main_process
+    pending_loss = torch.tensor(state.pending_loss if carried else 0.0, device=accelerator.device)
+    pending_tokens = torch.tensor(state.pending_tokens if carried else 0, device=accelerator.device)
+    total_loss, total_steps_run, started = 0.0, 0, time.perf_counter()
+    clock = {"since": time.perf_counter(), "tokens": 0}
+    batches_per_epoch = len(parts.loader)
+    while state.optimizer_step < parts.total_steps:
+        parts.loader.set_epoch(state.epoch)
+        # Resuming mid-epoch: the same shuffled order, minus what the interrupted run consumed.
+        batches = skip_first_batches(parts.loader, state.batches_in_epoch) if state.batches_in_epoch else parts.loader
+        for window in windows(batches, settings.gradient_accumulation_steps):
+            pending_loss += train_window(parts, window, settings.max_grad_norm)
+            pending_tokens += sum(batch_tokens(b) for b in window)
+            state.optimizer_step += 1
+            state.pending_steps += 1
+            state.batches_in_epoch += len(window)
+            step = state.optimizer_step
+            if step % settings.logging_steps == 0 or step == parts.total_steps:
+                row = _log_row(parts, pending_loss, pending_tokens, batches_per_epoch, clock)
+                total_loss += row["loss"] * state.pending_steps
+                total_steps_run += state.pending_steps
+                pending_loss.zero_(), pending_tokens.zero_()
+                state.pending_steps = 0
+            if parts.evaluate and settings.eval_steps and step % settings.eval_steps == 0 and step < parts.total_steps:
+                parts.metrics_log.write({"step": step, **parts.evaluate()})
+            if settings.save_steps and step % settings.save_steps == 0 and step < parts.total_steps:
+                state.pending_loss = accelerator.reduce(pending_loss.clone(), reduction="sum").item()
+                state.pending_tokens = int(accelerator.reduce(pending_tokens.clone(), reduction="sum").item())
+                parts.save()
+            if step >= parts.total_steps:
+                break
+        else:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    runtime = time.perf_counter() - started
+    return {"train_loss": total_loss / max(total_steps_run, 1), "train_runtime": runtime,
+            "train_tokens_per_second": clock["tokens"] / max(runtime, 1e-9), "train_steps": state.optimizer_step}
+
+
+def _log_row(parts: LoopParts, pending_loss: torch.Tensor, pending_tokens: torch.Tensor, batches_per_epoch: int,
+             clock: dict[str, float]) -> dict[str, float]:
+    accelerator, state = parts.accelerator, parts.state
+    loss = accelerator.reduce(pending_loss.clone(), reduction="sum").item() / max(state.pending_steps, 1)
+    tokens = int(accelerator.reduce(pending_tokens.clone(), reduction="sum").item())
+    now = time.perf_counter()
+    row = {
+        "step": state.optimizer_step,
+        "epoch": round(state.epoch + state.batches_in_epoch / max(batches_per_epoch, 1), 4),
+        "loss": loss,
+        "learning_rate": parts.scheduler.get_last_lr()[0],
+        "tokens_per_second": tokens / max(now - clock["since"], 1e-9),
+    }
+    clock["since"], clock["tokens"] = now, clock["tokens"] + tokens
+    parts.metrics_log.write(row)
+    return row

@@ -1,0 +1,49 @@
+"""Per-example loss sums and counts, so a loss can be normalised by the whole optimizer step.
+
+A mean taken per micro-batch weights tokens differently depending on how a global batch is split
+over processes and accumulation steps; summing here and dividing by the step's global count makes
+2 processes x B, 1 process x 2B and 1 process x B x 2 accumulation steps give the same loss.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from hftk.tasks.base import DECODER_ONLY, EXAMPLE_INDEX
+from hftk.tasks.text_to_text import IGNORE_INDEX
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "token_type_ids")
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+
+
+def _target_labels(batch: dict[str, torch.Tensor], family: str) -> torch.Tensor:
+    labels = batch["labels"]
+    # A decoder predicts token t+1 from tokens up to t.
+    return labels[:, 1:] if family == DECODER_ONLY else labels
+
+
+def token_counts(batch: dict[str, torch.Tensor], family: str) -> torch.Tensor:
+    """Target tokens per example: the denominator of the loss."""
+    return (_target_labels(batch, family) != IGNORE_INDEX).sum(dim=1)
+
+
+def token_loss_sums(model: Any, batch: dict[str, torch.Tensor], family: str) -> torch.Tensor:
+    """Summed cross-entropy per example, shape [batch]."""
+    logits = model(**model_inputs(batch)).logits
+    if family == DECODER_ONLY:
+        logits = logits[:, :-1]
+    labels = _target_labels(batch, family)
+    losses = F.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    )
+    return losses.view(labels.shape).sum(dim=1)
+
+
+def without_index(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if k != EXAMPLE_INDEX}

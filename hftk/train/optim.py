@@ -1,0 +1,41 @@
+"""Optimizer, schedule and the step arithmetic, all in optimizer steps."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers import get_scheduler
+
+from hftk.recipe import TrainSection
+
+
+def total_optimizer_steps(train: TrainSection, batches_per_epoch: int) -> int:
+    """batches_per_epoch counts this process's micro-batches, which already divides the data over processes."""
+    if train.max_steps:
+        return train.max_steps
+    steps_per_epoch = math.ceil(batches_per_epoch / train.gradient_accumulation_steps)
+    return max(1, math.ceil(train.num_train_epochs * steps_per_epoch))
+
+
+def warmup_steps(train: TrainSection, total_steps: int) -> int:
+    return train.warmup_steps or math.ceil(train.warmup_ratio * total_steps)
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainSection) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    # Biases and norm gains (1-d) are not decayed, as in GPT-2 and nanoGPT.
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": train.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=train.learning_rate, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_epsilon
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection, total_steps: int):
+    return get_scheduler(
+        train.lr_scheduler_type, optimizer,
+        num_warmup_steps=warmup_steps(train, total_steps), num_training_steps=total_steps,
+    )
