@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +78,24 @@ def check_split(dataset: datasets.Dataset, task: Task, data: DataSection, key: s
     task.check_rows(dataset[:ROWS_CHECKED], data, where)
 
 
+@contextlib.contextmanager
+def quiet_datasets():
+    """Loading happens while the inputs are checked: its progress bars would bury a one-line error."""
+    was_enabled = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            datasets.enable_progress_bars()
+
+
 def load_checked(task: Task, data: DataSection, keys: list[str]) -> dict[str, datasets.Dataset]:
-    splits = {}
+    with quiet_datasets():
+        return {key: split for key, split in _load_all(task, data, keys)}
+
+
+def _load_all(task: Task, data: DataSection, keys: list[str]):
     for key in keys:
         source = getattr(data, key)
         if source is None:
@@ -86,8 +103,7 @@ def load_checked(task: Task, data: DataSection, keys: list[str]) -> dict[str, da
         dataset = load_split(source, key)
         check_split(dataset, task, data, key)
         limit = data.max_train_samples if key == "train" else data.max_eval_samples
-        splits[key] = dataset.select(range(min(limit, len(dataset)))) if limit else dataset
-    return splits
+        yield key, (dataset.select(range(min(limit, len(dataset)))) if limit else dataset)
 
 
 def _encode(rows: dict[str, list[Any]], indices: list[int], task: Task, tokenizer: Any, data: DataSection,

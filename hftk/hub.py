@@ -30,9 +30,10 @@ Fine-tuned with hftk for **{task}**.
 ## Use
 
 ```python
-from transformers import pipeline
+from transformers import AutoTokenizer, {auto_class}
 
-pipe = pipeline("{pipeline_task}", model="{model_ref}")
+tokenizer = AutoTokenizer.from_pretrained("{model_ref}")
+model = {auto_class}.from_pretrained("{model_ref}")
 ```
 """
 
@@ -43,7 +44,7 @@ PIPELINE_TASKS = {
 
 
 def write_model_card(output_dir: Path, task: str, recipe_yaml: str, results: dict[str, Any], base_model: str | None,
-                     model_ref: str | None = None) -> None:
+                     auto_class: str, model_ref: str | None = None) -> None:
     from huggingface_hub import ModelCardData
 
     data = ModelCardData(library_name="transformers", tags=["hftk", task], base_model=base_model,
@@ -51,7 +52,7 @@ def write_model_card(output_dir: Path, task: str, recipe_yaml: str, results: dic
     rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(results.items()))
     card = CARD_TEMPLATE.format(
         card_data=data.to_yaml(), title=Path(output_dir).name, task=task, metric_rows=rows, recipe=recipe_yaml,
-        pipeline_task=PIPELINE_TASKS.get(task, task), model_ref=model_ref or str(output_dir),
+        auto_class=auto_class, model_ref=model_ref or str(output_dir),
     )
     (Path(output_dir) / "README.md").write_text(card)
 

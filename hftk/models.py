@@ -62,7 +62,7 @@ def scratch_config(fields: dict[str, Any]) -> PretrainedConfig:
     except ValueError:
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-        hint = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING_NAMES), n=1)
+        hint = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING_NAMES), n=1, cutoff=0.5)
         raise UserError(
             f"model.config.model_type: unknown model type '{model_type}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
         ) from None

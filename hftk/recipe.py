@@ -7,6 +7,7 @@ path and the closest valid key.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -161,6 +162,21 @@ class Recipe(Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads 3e-4 (no dot) as a float, as YAML 1.2 and users do."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: a recipe is data, never code
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """Turn ["train.learning_rate=3e-4", ...] into a nested dict; values are parsed as YAML."""
     tree: dict[str, Any] = {}
@@ -169,7 +185,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key or any(not part for part in key.split(".")):
             raise UserError(f"override '{item}' is not KEY=VALUE with a dotted key (e.g. train.learning_rate=3e-4)")
         try:
-            value = yaml.safe_load(raw) if raw else ""
+            value = _yaml(raw) if raw else ""
         except yaml.YAMLError as err:
             raise UserError(f"override '{item}': value is not valid YAML ({err.problem})") from None
         node = tree
@@ -197,8 +213,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"recipe file not found: {path}")
     try:
-        # safe_load: a recipe is data, never code.
-        raw = yaml.safe_load(path.read_text())
+        raw = _yaml(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

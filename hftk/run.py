@@ -190,7 +190,8 @@ def finetune(recipe: Recipe) -> dict[str, Any]:
             write_jsonl(output_dir / "predictions.jsonl", rows)
     if accelerator.is_main_process:
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
-        write_model_card(output_dir, recipe.task, recipe.dump_yaml(), results, recipe.model.name_or_path)
+        write_model_card(output_dir, recipe.task, recipe.dump_yaml(), results, recipe.model.name_or_path,
+                         plan.encoding.auto_class)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results

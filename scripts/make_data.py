@@ -55,7 +55,13 @@ def summarize_row(rng: random.Random, index: int) -> dict:
         f"On {day}, {person}, the {role} of {city}, spoke to reporters.",
         f"{person} said the city plans to {plan} next year.",
     ]
-    fillers = rng.sample(FILLERS, k=rng.randint(2, 4))
+    other_city, other_person = rng.choice([c for c in CITIES if c != city]), rng.choice([p for p in PEOPLE if p != person])
+    other_plan = rng.choice([e for e in EVENTS if e[0] != plan])[0]
+    # Distractors name another city, person and plan, so copying the first name seen is not enough.
+    distractors = [f"Last year {other_person} visited {other_city} to {other_plan}, without success.",
+                   f"In {other_city}, a similar plan to {other_plan} was dropped."]
+    fillers = rng.sample(FILLERS, k=rng.randint(1, 3)) + rng.sample(distractors, k=1)
+    rng.shuffle(fillers)
     sentences = fillers[:1] + facts[:1] + fillers[1:2] + facts[1:] + fillers[2:]
     return {"id": f"sum-{index:05d}", "document": " ".join(sentences), "summary": f"{city} {outcome}, says its {role}."}
 

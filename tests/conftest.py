@@ -1,0 +1,62 @@
+"""Shared fixtures: offline settings, a tiny recipe on the bundled data, a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Tests run offline: every Hub lookup must fail at once instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_caches(tmp_path_factory, monkeypatch):
+    cache = tmp_path_factory.getbasetemp() / "caches"
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache / "datasets"))
+    monkeypatch.setenv("HFTK_CACHE", str(cache / "hftk"))
+
+
+def tiny_recipe(tmp_path: Path, **sections) -> dict:
+    """A small summarization recipe on a slice of the bundled data; sections override keys."""
+    recipe = {
+        "task": "summarization",
+        "model": {
+            "config": {"model_type": "t5", "d_model": 32, "d_kv": 8, "num_heads": 4, "d_ff": 64,
+                       "num_layers": 1, "num_decoder_layers": 1, "dropout_rate": 0.0},
+            "tokenizer": {"train": {"vocab_size": 300, "min_frequency": 2}},
+        },
+        "data": {"train": str(ROOT / "data/summarize/train.jsonl"),
+                 "validation": str(ROOT / "data/summarize/validation.jsonl"),
+                 "max_train_samples": 64, "max_eval_samples": 16,
+                 "max_source_length": 64, "max_target_length": 16},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 4, "per_device_train_batch_size": 8,
+                  "learning_rate": 1e-3, "logging_steps": 2},
+        "eval": {"per_device_eval_batch_size": 8, "max_new_tokens": 8},
+    }
+    for name, values in sections.items():
+        recipe.setdefault(name, {}).update(values)
+    return recipe
+
+
+def write_recipe(tmp_path: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def run_hftk(*args: str, cwd: Path = ROOT, env: dict | None = None, launcher: list[str] | None = None,
+             timeout: int = 600) -> subprocess.CompletedProcess:
+    """The real command in a fresh process, as a user types it."""
+    command = (launcher or [sys.executable, "-m"]) + ["hftk", *args]
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
