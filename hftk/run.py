@@ -14,7 +14,7 @@ from typing import Any
 
 import datasets
 
-from hftk import checkpoint, data, metrics, models
+from hftk import checkpoint, data, metrics, models, parallel
 from hftk.errors import UserError
 from hftk.hub import write_model_card
 from hftk.recipe import Recipe
@@ -67,7 +67,10 @@ def make_accelerator(seed: int):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
-    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+    parallel.launch_problems()
+    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+                              kwargs_handlers=parallel.process_group_kwargs())
+    parallel.check_world(accelerator)
     set_seed(seed)
     setup_logging(accelerator.is_main_process)
     return accelerator
@@ -149,7 +152,9 @@ def finetune(recipe: Recipe) -> dict[str, Any]:
     accelerator.wait_for_everyone()
 
     tokenizer = build_tokenizer(plan, accelerator)
-    model = models.build_model(recipe.model, plan.config, plan.encoding, tokenizer)
+    with parallel.model_construction(accelerator):
+        model = models.build_model(recipe.model, plan.config, plan.encoding, tokenizer)
+    parallel.apply_recipe_to_deepspeed(accelerator, settings.max_grad_norm)
     train_features = tokenized(plan, accelerator, tokenizer, "train", training=True)
     collator = plan.task.collator(tokenizer, plan.encoding.family, decoder_inputs_for(model))
     loader = make_loader(train_features, collator, settings.per_device_train_batch_size, True,
