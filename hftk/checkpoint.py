@@ -11,7 +11,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from hftk.errors import UserError
 
@@ -68,7 +68,7 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
 
 
 def save_checkpoint(accelerator: Any, output_dir: Path, optimizer_step: int, recipe_yaml: str,
-                    save_total_limit: int | None) -> Path:
+                    save_total_limit: int | None, save_extra: Callable[[Path], None] | None = None) -> Path:
     output_dir = Path(output_dir)
     final = output_dir / f"{PREFIX}{optimizer_step}"
     partial = output_dir / f".{PREFIX}{optimizer_step}.partial"
@@ -77,6 +77,8 @@ def save_checkpoint(accelerator: Any, output_dir: Path, optimizer_step: int, rec
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))  # every process writes its own RNG state
+    if save_extra is not None:
+        save_extra(partial)  # what Accelerate does not hold: sharded CPU-FSDP states, comm hook state
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (partial / "recipe.yaml").write_text(recipe_yaml)

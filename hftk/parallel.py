@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from hftk.errors import UserError
+from hftk.tracking import log
 
 
 def _env_true(name: str) -> bool:
@@ -32,7 +33,7 @@ def launch_problems() -> None:
         )
     if requested == "fp16" and not gpu:
         raise UserError("mixed_precision fp16 cannot run on a CPU; use bf16 or no in the accelerate config")
-    if _env_true("ACCELERATE_USE_FSDP") and not gpu:
+    if _env_true("ACCELERATE_USE_FSDP") and not gpu and not _env_true("ACCELERATE_USE_CPU"):
         raise UserError(
             "Accelerate's FSDP needs GPUs; on a CPU launch the FSDP configs with ACCELERATE_USE_CPU=true, "
             "which hftk shards with PyTorch's fully_shard over Gloo"
@@ -58,7 +59,10 @@ def check_world(accelerator: Any) -> None:
         probe = torch.ones((), device=accelerator.device)
         total = accelerator.reduce(probe, reduction="sum").item()
         if int(total) != accelerator.num_processes:
-            raise UserError(f"an all-reduce over {accelerator.num_processes} processes gave {total}: processes are not connected")
+            raise UserError(
+                f"an all-reduce over {accelerator.num_processes} processes gave {total:g}: the processes are not "
+                "synchronised; on a CPU launch DDP and FSDP configs with ACCELERATE_USE_CPU=true"
+            )
 
 
 def deepspeed_plugin(accelerator: Any) -> Any:
@@ -91,3 +95,109 @@ def apply_recipe_to_deepspeed(accelerator: Any, max_grad_norm: float | None) -> 
     plugin = deepspeed_plugin(accelerator)
     if plugin is not None:
         plugin.deepspeed_config["gradient_clipping"] = max_grad_norm or 0.0
+
+
+def cpu_fsdp_requested() -> bool:
+    """An FSDP config launched on a CPU (with ACCELERATE_USE_CPU, so Accelerate gives plain processes)."""
+    return _env_true("ACCELERATE_USE_FSDP") and not torch.cuda.is_available()
+
+
+def reshard_after_forward() -> bool:
+    # FSDP2 configs say it directly; FSDP1-style configs say SHARD_GRAD_OP for "keep parameters".
+    if "FSDP_RESHARD_AFTER_FORWARD" in os.environ:
+        return _env_true("FSDP_RESHARD_AFTER_FORWARD")
+    return os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper() not in {"SHARD_GRAD_OP", "2"}
+
+
+class AccelerateStrategy:
+    """Single device, DDP, DeepSpeed and GPU FSDP: Accelerate's prepare() does it all."""
+
+    def __init__(self, settings: Any, accelerator: Any):
+        from accelerate.utils import DistributedType
+
+        from hftk import comm_hooks
+
+        self.settings = settings  # the recipe's ParallelSection
+        self.hook_state = None
+        ddp = accelerator.distributed_type in (DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+        comm_hooks.check_supported(settings, accelerator, ddp)
+
+    def prepare(self, accelerator: Any, model: Any, make_optimizer: Any, loader: Any):
+        from hftk import comm_hooks
+
+        model, optimizer, loader = accelerator.prepare(model, make_optimizer(model), loader)
+        self.hook_state = comm_hooks.register(model, self.settings)
+        return model, optimizer, loader
+
+    def full_state_dict(self, accelerator: Any, model: Any) -> dict:
+        return accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards
+
+    def save_extra(self, accelerator: Any, folder: Any, model: Any, optimizer: Any) -> None:
+        from hftk import comm_hooks
+
+        comm_hooks.save_state(self.hook_state, folder, accelerator.process_index)
+
+    def load_extra(self, accelerator: Any, folder: Any, model: Any, optimizer: Any) -> None:
+        from hftk import comm_hooks
+
+        comm_hooks.load_state(self.hook_state, folder, accelerator.process_index)
+
+
+class CpuFsdpStrategy:
+    """FSDP on CPUs: PyTorch's fully_shard over Gloo, since Accelerate's FSDP will not run there.
+
+    Each transformer block is its own shard group; the root group holds the rest, so tied
+    embeddings (T5, GPT-2) share one group. Model and optimizer shards are checkpointed with
+    torch.distributed.checkpoint, one file set per process.
+    """
+
+    SHARDED = "sharded_state"
+
+    def __init__(self, settings: Any, accelerator: Any):
+        from hftk import comm_hooks
+
+        comm_hooks.check_supported(settings, accelerator, ddp=False)
+
+    def prepare(self, accelerator: Any, model: Any, make_optimizer: Any, loader: Any):
+        from torch.distributed.fsdp import fully_shard
+
+        blocks = set(getattr(model, "_no_split_modules", None) or [])
+        reshard = reshard_after_forward()
+        for module in list(model.modules()):
+            if type(module).__name__ in blocks:
+                fully_shard(module, reshard_after_forward=reshard)
+        fully_shard(model, reshard_after_forward=reshard)
+        local = sum(p.to_local().numel() for p in model.parameters())
+        total = sum(p.numel() for p in model.parameters())
+        log.info(f"fully_shard over {accelerator.num_processes} processes: this one holds {local} of {total} parameters")
+        # Only the loader goes through prepare(): Accelerate would wrap the sharded model in DDP.
+        return model, make_optimizer(model), accelerator.prepare(loader)
+
+    def full_state_dict(self, accelerator: Any, model: Any) -> dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def _states(self, model: Any, optimizer: Any) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)
+        return {"model": model_state, "optimizer": optimizer_state}
+
+    def save_extra(self, accelerator: Any, folder: Any, model: Any, optimizer: Any) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(self._states(model, optimizer), checkpoint_id=str(folder / self.SHARDED))
+
+    def load_extra(self, accelerator: Any, folder: Any, model: Any, optimizer: Any) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        states = self._states(model, optimizer)
+        dcp.load(states, checkpoint_id=str(folder / self.SHARDED))
+        set_state_dict(model, optimizer, model_state_dict=states["model"], optim_state_dict=states["optimizer"])
+
+
+def strategy_for(settings: Any, accelerator: Any) -> Any:
+    """The strategy for this launch; refuses recipe settings it cannot honour (before any model loads)."""
+    return (CpuFsdpStrategy if cpu_fsdp_requested() else AccelerateStrategy)(settings, accelerator)

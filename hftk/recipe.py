@@ -148,12 +148,24 @@ class EvalSection(Section):
     )
 
 
+class ParallelSection(Section):
+    """Settings Accelerate's YAML cannot express; the topology itself comes from the accelerate config."""
+
+    comm_hook: Literal["none", "fp16", "bf16", "powersgd"] = Field(
+        "none", description="DDP gradient compression: fp16/bf16 casts, or PowerSGD low-rank approximation."
+    )
+    powersgd_rank: int = Field(1, ge=1, description="PowerSGD matrix approximation rank.")
+    powersgd_start_iter: int = Field(1000, ge=2, description="Plain all-reduce (with error feedback warm-up) before this step.")
+    powersgd_min_compression_rate: float = Field(2.0, ge=1.0)
+
+
 class Recipe(Section):
     task: TaskName
     model: ModelSection
     data: DataSection
     train: TrainSection
     eval: EvalSection = EvalSection()
+    parallel: ParallelSection = ParallelSection()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)

@@ -144,6 +144,7 @@ def finetune(recipe: Recipe) -> dict[str, Any]:
     plan = plan_finetune(recipe)
     settings, output_dir = recipe.train, Path(recipe.train.output_dir)
     accelerator = make_accelerator(settings.seed)
+    strategy = parallel.strategy_for(recipe.parallel, accelerator)
     if accelerator.is_main_process:
         if settings.overwrite_output_dir and output_dir.exists():
             shutil.rmtree(output_dir)
@@ -159,8 +160,7 @@ def finetune(recipe: Recipe) -> dict[str, Any]:
     collator = plan.task.collator(tokenizer, plan.encoding.family, decoder_inputs_for(model))
     loader = make_loader(train_features, collator, settings.per_device_train_batch_size, True,
                          settings.dataloader_num_workers)
-    optimizer = build_optimizer(model, settings)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    model, optimizer, loader = strategy.prepare(accelerator, model, lambda m: build_optimizer(m, settings), loader)
     total_steps = total_optimizer_steps(settings, len(loader))
     # Not passed to prepare(): Accelerate would step it once per process per optimizer step.
     scheduler = build_scheduler(optimizer, settings, total_steps)
@@ -170,6 +170,7 @@ def finetune(recipe: Recipe) -> dict[str, Any]:
     if plan.resume_from is not None:
         log.info(f"resuming from {plan.resume_from}")
         accelerator.load_state(str(plan.resume_from))
+        strategy.load_extra(accelerator, plan.resume_from, model, optimizer)
         metrics_log.truncate_after(state.optimizer_step)
 
     def run_eval() -> dict[str, float]:
@@ -178,14 +179,16 @@ def finetune(recipe: Recipe) -> dict[str, Any]:
 
     def save() -> None:
         checkpoint.save_checkpoint(accelerator, output_dir, state.optimizer_step, recipe.dump_yaml(),
-                                   settings.save_total_limit)
+                                   settings.save_total_limit,
+                                   lambda folder: strategy.save_extra(accelerator, folder, model, optimizer))
 
     parts = LoopParts(accelerator, model, optimizer, scheduler, loader, plan.encoding.family, total_steps, state,
                       metrics_log, run_eval if "validation" in plan.splits else None, save)
     log.info(f"training {total_steps} optimizer steps on {accelerator.num_processes} process(es)")
     train_results = train(parts, settings)
     save()
-    save_model(accelerator, model, tokenizer, output_dir)
+    save_model(accelerator, accelerator.unwrap_model(model), strategy.full_state_dict(accelerator, model),
+               tokenizer, output_dir)
     results = dict(train_results)
     if "validation" in plan.splits:
         eval_results, rows = evaluate_split(plan, accelerator, model, tokenizer, "validation")
@@ -202,9 +205,8 @@ def finetune(recipe: Recipe) -> dict[str, Any]:
     return results
 
 
-def save_model(accelerator: Any, model: Any, tokenizer: Any, output_dir: Path) -> None:
-    state_dict = accelerator.get_state_dict(model)  # gathers shards under ZeRO-3 / FSDP
-    accelerator.unwrap_model(model).save_pretrained(
+def save_model(accelerator: Any, model: Any, state_dict: dict, tokenizer: Any, output_dir: Path) -> None:
+    model.save_pretrained(
         output_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save,
         state_dict=state_dict,
     )

@@ -22,10 +22,15 @@ class EvalOutput:
     predictions: dict[int, str]  # example index -> generated text
 
 
-def needs_synced_generation(accelerator: Any) -> bool:
-    """Under ZeRO-3 every process must run the same number of forward passes while generating."""
+def needs_synced_generation(accelerator: Any, model: Any) -> bool:
+    """With sharded parameters (ZeRO-3, FSDP) every process must run as many forward passes as the
+    slowest one while generating, or the parameter all-gathers deadlock."""
+    if accelerator.num_processes == 1:
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return bool(plugin and plugin.zero_stage == 3)
+    return bool(plugin and plugin.zero_stage == 3) or isinstance(model, FSDPModule) or accelerator.is_fsdp2
 
 
 def generate(accelerator: Any, model: Any, batch: dict[str, torch.Tensor], family: str, settings: EvalSection,
@@ -34,9 +39,14 @@ def generate(accelerator: Any, model: Any, batch: dict[str, torch.Tensor], famil
         inputs = {"input_ids": batch["prompt_input_ids"], "attention_mask": batch["prompt_attention_mask"]}
     else:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    output = accelerator.unwrap_model(model).generate(
+    model = accelerator.unwrap_model(model)
+    if hasattr(model, "unshard"):
+        # fully_shard gathers parameters in the root's forward; generate() first calls the encoder
+        # alone, so gather the root group (embeddings, heads) up front.
+        model.unshard()
+    output = model.generate(
         **inputs, max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams, do_sample=False,
-        pad_token_id=tokenizer.pad_token_id, synced_gpus=needs_synced_generation(accelerator),
+        pad_token_id=tokenizer.pad_token_id, synced_gpus=needs_synced_generation(accelerator, model),
     )
     if family == DECODER_ONLY:
         output = output[:, inputs["input_ids"].shape[1]:]  # keep only the continuation

@@ -52,6 +52,10 @@ def micro_batch(accelerator: Any, model: Any, sync: bool):
     # Accelerate's accumulate() counts micro-batches itself and syncs early when a loader ends; the
     # loop fetches a whole window first (to normalise by its token count), so it says when to sync.
     accelerator.gradient_state._set_sync_gradients(sync)
+    if hasattr(model, "set_requires_gradient_sync"):  # fully_shard (FSDP2) modules have no no_sync()
+        model.set_requires_gradient_sync(sync)
+        yield
+        return
     with contextlib.nullcontext() if sync else accelerator.no_sync(model):
         yield
 
