@@ -43,8 +43,11 @@ def launch_problems() -> None:
 def process_group_kwargs() -> list[Any]:
     from accelerate.utils import InitProcessGroupKwargs
 
-    # DeepSpeed and torch.distributed default to NCCL, which a CPU cannot run.
-    return [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+    # DeepSpeed and torch.distributed default to NCCL, which a CPU cannot run. A lone process gets
+    # none: Accelerate would take a backend as a request to start a process group.
+    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return []
+    return [InitProcessGroupKwargs(backend="gloo")]
 
 
 def check_world(accelerator: Any) -> None:
@@ -109,6 +112,15 @@ def reshard_after_forward() -> bool:
     return os.environ.get("FSDP_SHARDING_STRATEGY", "FULL_SHARD").upper() not in {"SHARD_GRAD_OP", "2"}
 
 
+def without_tied_copies(model: Any, state_dict: dict | None) -> dict | None:
+    """Gathered state dicts repeat a tied weight under every alias as separate copies, which
+    save_pretrained cannot recognise as tied; keep the names named_parameters() keeps."""
+    if state_dict is None:
+        return None
+    keep = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
+    return {name: value for name, value in state_dict.items() if name in keep}
+
+
 class AccelerateStrategy:
     """Single device, DDP, DeepSpeed and GPU FSDP: Accelerate's prepare() does it all."""
 
@@ -130,7 +142,8 @@ class AccelerateStrategy:
         return model, optimizer, loader
 
     def full_state_dict(self, accelerator: Any, model: Any) -> dict:
-        return accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards
+        # get_state_dict gathers ZeRO-3 / FSDP shards.
+        return without_tied_copies(accelerator.unwrap_model(model), accelerator.get_state_dict(model))
 
     def save_extra(self, accelerator: Any, folder: Any, model: Any, optimizer: Any) -> None:
         from hftk import comm_hooks
@@ -176,7 +189,8 @@ class CpuFsdpStrategy:
     def full_state_dict(self, accelerator: Any, model: Any) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return without_tied_copies(model, full)
 
     def _states(self, model: Any, optimizer: Any) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict

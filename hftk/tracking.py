@@ -14,11 +14,13 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def setup_logging(is_main: bool) -> None:
+    from rich.console import Console
     from rich.logging import RichHandler
 
+    # Progress goes to stderr, like every Hugging Face library; stdout stays for results.
     logging.basicConfig(
         level=logging.INFO if is_main else logging.WARNING, format="%(message)s",
-        handlers=[RichHandler(show_path=False, show_time=False)], force=True,
+        handlers=[RichHandler(console=Console(stderr=True), show_path=False, show_time=False)], force=True,
     )
     for noisy in ("datasets", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING if is_main else logging.ERROR)

@@ -1,0 +1,151 @@
+"""Every strategy that can run on a CPU, through a real `accelerate launch` of 2 Gloo processes,
+reproduces the single-process run: same per-step losses, same saved model, same evaluation, and it
+resumes from its own checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, run_hftk, tiny_recipe, write_recipe
+
+STEPS = 6
+BATCH = 4  # per process: 2 processes x 4 == 1 process x 8
+# Measured on this stack: fp32 strategies differ by at most ~2e-7 relative; the fp16 and bf16
+# casts by ~1e-6 and ~6e-6; PowerSGD (rank 1, compressing from step 2) by ~2e-3 after 6 steps.
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-4, "bf16": 1e-4, "powersgd": 1e-2}
+
+# config file, ACCELERATE_USE_CPU (DeepSpeed must not have it: it would silently become DDP)
+STRATEGIES = {
+    "ddp": ("ddp.yaml", True),
+    "zero1": ("zero1.yaml", False),
+    "zero2": ("zero2.yaml", False),
+    "zero3": ("zero3.yaml", False),
+    "zero3_offload": ("zero3_offload.yaml", False),
+    "fsdp": ("fsdp.yaml", True),
+    "fsdp_shard_grad_op": ("fsdp_shard_grad_op.yaml", True),
+}
+
+
+def launcher(config: str, use_cpu: bool) -> tuple[list[str], dict]:
+    env = {"ACCELERATE_USE_CPU": "true" if use_cpu else "false"}
+    return ["accelerate", "launch", "--config_file", str(ROOT / "accelerate_configs" / config), "-m"], env
+
+
+def recipe_file(tmp_path: Path, name: str, batch: int, **train) -> Path:
+    settings = {"output_dir": str(tmp_path / name), "max_steps": STEPS, "logging_steps": 1, "save_steps": 3,
+                "per_device_train_batch_size": batch, **train}
+    return write_recipe(tmp_path, tiny_recipe(tmp_path, train=settings), f"{name}.yaml")
+
+
+def losses(folder: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def results(folder: Path) -> dict:
+    return json.loads((folder / "all_results.json").read_text())
+
+
+def assert_close_losses(got: dict[int, float], want: dict[int, float], tolerance: float) -> float:
+    assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
+    worst = max(abs(got[s] - want[s]) / abs(want[s]) for s in want)
+    assert worst < tolerance, f"relative loss difference {worst:.2e} >= {tolerance:.0e}"
+    return worst
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("reference")
+    result = run_hftk("finetune", str(recipe_file(tmp_path, "single", 2 * BATCH)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp_path / "single"
+
+
+def max_weight_difference(a: Path, b: Path) -> float:
+    from safetensors.torch import load_file
+
+    first, second = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert sorted(first) == sorted(second)
+    return max((first[k].float() - second[k].float()).abs().max().item() for k in first)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_two_processes_equal_one(name, reference, tmp_path):
+    config, use_cpu = STRATEGIES[name]
+    command, env = launcher(config, use_cpu)
+    run = run_hftk("finetune", str(recipe_file(tmp_path, name, BATCH)), launcher=command, env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    folder = tmp_path / name
+    assert_close_losses(losses(folder), losses(reference), TOLERANCE["fp32"])
+    # The saved model is whole (ZeRO-3 and FSDP shards gathered) and matches the single-process one.
+    assert max_weight_difference(folder, reference) < 1e-4
+    mine, theirs = results(folder), results(reference)
+    assert mine["eval_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-4)
+    assert mine["eval_rougeL"] == pytest.approx(theirs["eval_rougeL"], abs=0.02)
+    assert mine["eval_samples"] == theirs["eval_samples"] == 16
+    predictions = (folder / "predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == 16, "every example is scored exactly once"
+    if name.startswith("fsdp"):
+        assert "fully_shard over 2 processes" in run.stderr  # really sharded, not silently replicated
+
+    # Resume the same launch from its own step-3 checkpoint: steps 4-6 come out the same.
+    resumed = tmp_path / f"{name}-resumed"
+    resumed.mkdir()
+    shutil.copytree(folder / "checkpoint-3", resumed / "checkpoint-3")
+    again = run_hftk("finetune", str(recipe_file(tmp_path, f"{name}-resumed", BATCH, resume_from_checkpoint="latest")),
+                     launcher=command, env=env)
+    assert again.returncode == 0, again.stderr[-4000:]
+    unbroken = {s: v for s, v in losses(folder).items() if s > 3}
+    assert losses(resumed) == pytest.approx(unbroken, rel=1e-6)
+    assert max_weight_difference(resumed, folder) < 1e-6
+
+
+@pytest.mark.parametrize("hook", ["fp16", "bf16", "powersgd"])
+def test_communication_hooks_stay_close_to_one_process(hook, reference, tmp_path):
+    command, env = launcher("ddp.yaml", use_cpu=True)
+    path = recipe_file(tmp_path, hook, BATCH)
+    run = run_hftk("finetune", str(path), f"parallel.comm_hook={hook}", "parallel.powersgd_start_iter=2",
+                   launcher=command, env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    worst = assert_close_losses(losses(tmp_path / hook), losses(reference), TOLERANCE[hook])
+    if hook == "powersgd":
+        assert worst > 1e-5, "PowerSGD past its start step should compress, so losses move a little"
+        assert (tmp_path / hook / "checkpoint-3" / "comm_hook_state_1.pt").is_file()
+
+
+def test_gradient_accumulation_equals_the_larger_batch(reference, tmp_path):
+    run = run_hftk("finetune", str(recipe_file(tmp_path, "accumulated", BATCH, gradient_accumulation_steps=2)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert_close_losses(losses(tmp_path / "accumulated"), losses(reference), 1e-5)
+
+
+def test_unsynchronised_launch_is_refused(tmp_path):
+    # --multi_gpu on a CPU without ACCELERATE_USE_CPU starts processes that never talk to each other.
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "-m"]
+    run = run_hftk("finetune", str(recipe_file(tmp_path, "unsync", BATCH)), launcher=command,
+                   env={"ACCELERATE_USE_CPU": "false"})
+    assert run.returncode != 0
+    assert "hftk: error:" in run.stderr and "not synchronised" in run.stderr
+    assert not (tmp_path / "unsync").exists()
+
+
+@pytest.mark.parametrize(("launch", "overrides", "message"), [
+    (None, ["parallel.comm_hook=fp16"], "compresses DDP gradients"),
+    (("zero2.yaml", True), [], "ACCELERATE_USE_CPU=true turns a DeepSpeed config into plain DDP"),
+    (("fsdp.yaml", False), [], "Accelerate's FSDP needs GPUs"),
+])
+def test_strategies_that_cannot_run_here_exit_2(launch, overrides, message, tmp_path):
+    command, env = launcher(*launch) if launch else (None, {})
+    run = run_hftk("finetune", str(recipe_file(tmp_path, "refused", BATCH)), *overrides, launcher=command, env=env)
+    assert run.returncode != 0
+    assert message in run.stderr
+    assert not (tmp_path / "refused").exists()
+
+
+def test_fp16_on_cpu_exits_2(tmp_path):
+    run = run_hftk("finetune", str(recipe_file(tmp_path, "fp16", BATCH)), env={"ACCELERATE_MIXED_PRECISION": "fp16"})
+    assert run.returncode == 2 and "fp16 cannot run on a CPU" in run.stderr
