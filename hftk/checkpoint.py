@@ -9,11 +9,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from hftk.errors import UserError
+from safetensors import SafetensorError
+
+from hftk.errors import RunError, UserError
 
 MANIFEST = "hftk_checkpoint.json"
 PREFIX = "checkpoint-"
@@ -76,21 +79,79 @@ def save_checkpoint(accelerator: Any, output_dir: Path, optimizer_step: int, rec
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))  # every process writes its own RNG state
-    if save_extra is not None:
-        save_extra(partial)  # what Accelerate does not hold: sharded CPU-FSDP states, comm hook state
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (partial / "recipe.yaml").write_text(recipe_yaml)
-        manifest = {"complete": True, "optimizer_step": optimizer_step, "saved_at": time.time(),
-                    "num_processes": accelerator.num_processes, "versions": library_versions()}
-        _write_synced(partial / MANIFEST, json.dumps(manifest, indent=2))
-        if final.exists():  # a rerun that reached the same step again
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        _prune(output_dir, save_total_limit)
+    try:
+        accelerator.save_state(str(partial))  # every process writes its own RNG state
+        if save_extra is not None:
+            save_extra(partial)  # what Accelerate does not hold: sharded CPU-FSDP states, comm hook state
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (partial / "recipe.yaml").write_text(recipe_yaml)
+            manifest = {"complete": True, "optimizer_step": optimizer_step, "saved_at": time.time(),
+                        "write_seconds": round(time.perf_counter() - started, 3),
+                        "num_processes": accelerator.num_processes, "versions": library_versions()}
+            _write_synced(partial / MANIFEST, json.dumps(manifest, indent=2))
+            if final.exists():  # a rerun that reached the same step again
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            _prune(output_dir, save_total_limit)
+    except (OSError, SafetensorError) as err:  # disk full, quota, permissions: earlier checkpoints stay
+        shutil.rmtree(partial, ignore_errors=True)
+        reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[-1]
+        raise RunError(f"cannot write {final.name} in {output_dir}: {reason}; earlier checkpoints are intact") from None
     accelerator.wait_for_everyone()
     return final
+
+
+def check_writable(output_dir: Path) -> None:
+    """Try, rather than guess from permission bits (root ignores them, quotas do not show)."""
+    existing = Path(output_dir).absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"train.output_dir: {existing} is a file, so {output_dir} cannot be created")
+    try:
+        probe = tempfile.mkdtemp(prefix=".hftk-write-probe-", dir=existing)
+    except OSError as err:
+        raise UserError(f"train.output_dir: cannot write in {existing}: {err.strerror or err}") from None
+    os.rmdir(probe)
+
+
+# Settings that may change between a run and its resumption: they do not touch the trajectory.
+FREE_ON_RESUME = (
+    "train.output_dir", "train.logging_steps", "train.eval_steps", "train.save_steps", "train.save_total_limit",
+    "train.resume_from_checkpoint", "train.overwrite_output_dir", "train.dataloader_num_workers",
+    "data.validation", "data.test", "data.max_eval_samples", "data.preprocessing_num_workers", "eval",
+)
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
+    return flat
+
+
+def check_compatible(folder: Path, recipe: Any) -> None:
+    """A resumed run must be the same run: refuse training settings that differ from the checkpoint's."""
+    import yaml
+
+    from hftk.recipe import validate_recipe
+
+    saved = _flatten(validate_recipe(yaml.safe_load((folder / "recipe.yaml").read_text())).to_dict())
+    current = _flatten(recipe.to_dict())
+    differing = [k for k in sorted(set(saved) | set(current))
+                 if saved.get(k) != current.get(k) and not k.startswith(FREE_ON_RESUME)]
+    if differing:
+        changes = ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in differing)
+        raise UserError(f"train.resume_from_checkpoint: {folder} was saved with other training settings: {changes}; "
+                        f"resume with the same settings or start afresh")
+    manifest = read_manifest(folder) or {}
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if manifest.get("num_processes", launched) != launched:
+        raise UserError(f"train.resume_from_checkpoint: {folder} was saved by {manifest['num_processes']} processes, "
+                        f"this launch has {launched}; resume with the same number of processes")
 
 
 def _write_synced(path: Path, text: str) -> None:

@@ -9,12 +9,10 @@ from typing import Callable, Optional
 
 import typer
 
-from hftk.errors import UserError
+from hftk.errors import HftkError, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-tune, evaluate and publish Hugging Face models from one YAML recipe.")
-
-EXIT_BAD_INPUT = 2
 
 RecipeArg = typer.Argument(..., help="The recipe YAML.", show_default=False)
 OverridesArg = typer.Argument(None, help="Dotted KEY=VALUE overrides, e.g. train.learning_rate=3e-4.",
@@ -33,14 +31,16 @@ def _offline_defaults() -> None:
 
 
 def _guarded(action: Callable[[], object]) -> None:
-    """Bad input: one line on stderr and exit 2. Anything else is a bug and keeps its traceback (exit 1)."""
+    """Known endings (bad input 2, a run that cannot go on 1, preempted 75) print one line on stderr;
+    anything else is a bug and keeps its traceback (exit 1)."""
     _offline_defaults()
     try:
         action()
-    except UserError as err:
+    except HftkError as err:
         if _is_main_process():
-            print(f"hftk: error: {err}", file=sys.stderr)
-        raise typer.Exit(EXIT_BAD_INPUT) from None
+            kind = "stopped" if err.exit_status == 75 else "error"
+            print(f"hftk: {kind}: {err}", file=sys.stderr)
+        raise typer.Exit(err.exit_status) from None
 
 
 @app.command()

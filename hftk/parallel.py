@@ -40,14 +40,18 @@ def launch_problems() -> None:
         )
 
 
-def process_group_kwargs() -> list[Any]:
+def process_group_kwargs(timeout_seconds: int) -> list[Any]:
+    from datetime import timedelta
+
     from accelerate.utils import InitProcessGroupKwargs
 
     # DeepSpeed and torch.distributed default to NCCL, which a CPU cannot run. A lone process gets
     # none: Accelerate would take a backend as a request to start a process group.
-    if torch.cuda.is_available() or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    # The timeout bounds how long the others wait when one process hangs or dies.
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return []
-    return [InitProcessGroupKwargs(backend="gloo")]
+    backend = None if torch.cuda.is_available() else "gloo"
+    return [InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=timeout_seconds))]
 
 
 def check_world(accelerator: Any) -> None:

@@ -131,6 +131,7 @@ class TrainSection(Section):
     resume_from_checkpoint: str | None = None
     overwrite_output_dir: bool = False
     dataloader_num_workers: int = Field(0, ge=0)
+    ddp_timeout: int = Field(1800, ge=10, description="Seconds a collective may wait for a silent process.")
 
     @model_validator(mode="after")
     def _rerun_mode(self) -> "TrainSection":

@@ -15,9 +15,9 @@ from typing import Any
 import datasets
 
 from hftk import checkpoint, data, metrics, models, parallel
-from hftk.errors import UserError
+from hftk.errors import RunError, UserError
 from hftk.hub import write_model_card
-from hftk.recipe import Recipe
+from hftk.recipe import Recipe, TrainSection
 from hftk.tasks import get_task
 from hftk.tasks.base import Encoding, Task
 from hftk.tracking import MetricsLog, log, setup_logging
@@ -39,7 +39,10 @@ def plan_finetune(recipe: Recipe) -> Plan:
     output_dir = Path(recipe.train.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"train.output_dir: {output_dir} exists and is a file")
+    checkpoint.check_writable(output_dir)
     resume_from = checkpoint.resolve_resume(output_dir, recipe.train.resume_from_checkpoint)
+    if resume_from is not None:
+        checkpoint.check_compatible(resume_from, recipe)
     if (checkpoint.holds_previous_run(output_dir) and not recipe.train.overwrite_output_dir
             and not recipe.train.resume_from_checkpoint):
         raise UserError(
@@ -63,15 +66,15 @@ def plan_inputs(recipe: Recipe, split_keys: list[str], model_dir: str | None = N
     return Plan(recipe, task, config, encoding, splits)
 
 
-def make_accelerator(seed: int):
+def make_accelerator(settings: TrainSection):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
     parallel.launch_problems()
     accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-                              kwargs_handlers=parallel.process_group_kwargs())
+                              kwargs_handlers=parallel.process_group_kwargs(settings.ddp_timeout))
     parallel.check_world(accelerator)
-    set_seed(seed)
+    set_seed(settings.seed)
     setup_logging(accelerator.is_main_process)
     return accelerator
 
@@ -139,11 +142,12 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def finetune(recipe: Recipe) -> dict[str, Any]:
     from hftk.train.loop import LoopParts, train
     from hftk.train.optim import build_optimizer, build_scheduler, total_optimizer_steps
+    from hftk.train.preemption import StopFlag
     from hftk.train.state import TrainState
 
     plan = plan_finetune(recipe)
     settings, output_dir = recipe.train, Path(recipe.train.output_dir)
-    accelerator = make_accelerator(settings.seed)
+    accelerator = make_accelerator(settings)
     strategy = parallel.strategy_for(recipe.parallel, accelerator)
     if accelerator.is_main_process:
         if settings.overwrite_output_dir and output_dir.exists():
@@ -172,23 +176,36 @@ def finetune(recipe: Recipe) -> dict[str, Any]:
         accelerator.load_state(str(plan.resume_from))
         strategy.load_extra(accelerator, plan.resume_from, model, optimizer)
         metrics_log.truncate_after(state.optimizer_step)
+    else:
+        metrics_log.truncate_after(0)  # a fresh start (also "latest" with nothing saved yet)
 
     def run_eval() -> dict[str, float]:
         results, _ = evaluate_split(plan, accelerator, model, tokenizer, "validation")
         return results
 
-    def save() -> None:
-        checkpoint.save_checkpoint(accelerator, output_dir, state.optimizer_step, recipe.dump_yaml(),
-                                   settings.save_total_limit,
-                                   lambda folder: strategy.save_extra(accelerator, folder, model, optimizer))
+    def save() -> str:
+        return str(checkpoint.save_checkpoint(
+            accelerator, output_dir, state.optimizer_step, recipe.dump_yaml(), settings.save_total_limit,
+            lambda folder: strategy.save_extra(accelerator, folder, model, optimizer)))
+
+    def last_good() -> str | None:
+        latest = checkpoint.latest_checkpoint(output_dir)
+        return str(latest) if latest else None
 
     parts = LoopParts(accelerator, model, optimizer, scheduler, loader, plan.encoding.family, total_steps, state,
-                      metrics_log, run_eval if "validation" in plan.splits else None, save)
+                      metrics_log, run_eval if "validation" in plan.splits else None, save, StopFlag().install())
     log.info(f"training {total_steps} optimizer steps on {accelerator.num_processes} process(es)")
-    train_results = train(parts, settings)
+    try:
+        train_results = train(parts, settings, last_good)
+    finally:
+        parts.stop.uninstall()
     save()
-    save_model(accelerator, accelerator.unwrap_model(model), strategy.full_state_dict(accelerator, model),
-               tokenizer, output_dir)
+    try:
+        save_model(accelerator, accelerator.unwrap_model(model), strategy.full_state_dict(accelerator, model),
+                   tokenizer, output_dir)
+    except OSError as err:
+        raise RunError(f"cannot write the final model in {output_dir}: {err.strerror or err}; "
+                       f"the final checkpoint is complete") from None
     results = dict(train_results)
     if "validation" in plan.splits:
         eval_results, rows = evaluate_split(plan, accelerator, model, tokenizer, "validation")
@@ -226,7 +243,7 @@ def evaluate_saved(recipe: Recipe, model_dir: str | None, split: str, output_dir
     if getattr(recipe.data, split, None) is None:
         raise UserError(f"--split: the recipe has no data.{split}")
     plan = plan_inputs(recipe, [split], model_dir=model_dir)
-    accelerator = make_accelerator(recipe.train.seed)
+    accelerator = make_accelerator(recipe.train)
     tokenizer = with_pad_token(transformers.AutoTokenizer.from_pretrained(model_dir))
     model = getattr(transformers, plan.encoding.auto_class).from_pretrained(model_dir)
     model = accelerator.prepare(model)

@@ -14,8 +14,10 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from accelerate import skip_first_batches
 
+from hftk.errors import Preempted, RunError
 from hftk.recipe import TrainSection
 from hftk.train.objective import token_counts, token_loss_sums
+from hftk.train.preemption import StopFlag
 from hftk.train.state import TrainState
 from hftk.tracking import MetricsLog
 
@@ -32,7 +34,8 @@ class LoopParts:
     state: TrainState
     metrics_log: MetricsLog
     evaluate: Callable[[], dict[str, float]] | None  # eval_* metrics at the current step
-    save: Callable[[], None]  # a full checkpoint at the current step
+    save: Callable[[], str]  # a full checkpoint at the current step; returns its folder
+    stop: StopFlag
 
 
 def windows(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -89,13 +92,33 @@ def batch_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return tokens
 
 
-def train(parts: LoopParts, settings: TrainSection) -> dict[str, float]:
+class Divergence:
+    """Remembers, on the device, the first optimizer step whose loss was not finite; read only at
+    logging and save steps so the hot path never waits on the host."""
+
+    def __init__(self, device: Any):
+        self.first_bad = torch.zeros((), dtype=torch.long, device=device)
+
+    def record(self, loss_share: torch.Tensor, step: int) -> None:
+        bad = ~torch.isfinite(loss_share) & (self.first_bad == 0)
+        self.first_bad = torch.where(bad, torch.full_like(self.first_bad, step), self.first_bad)
+
+    def check(self, accelerator: Any, last_good: Callable[[], str | None]) -> None:
+        first = accelerator.reduce(self.first_bad.clone(), reduction="max").item()
+        if first:
+            raise RunError(f"the training loss became non-finite at optimizer step {first}; stopped without "
+                           f"saving (last good checkpoint: {last_good() or 'none'}); lower train.learning_rate "
+                           f"or set train.max_grad_norm")
+
+
+def train(parts: LoopParts, settings: TrainSection, last_good: Callable[[], str | None]) -> dict[str, float]:
     accelerator, state = parts.accelerator, parts.state
     parts.model.train()
     # A checkpoint keeps the global pending sums (saved by the main process); add them in once.
     carried = accelerator.is_main_process
     pending_loss = torch.tensor(state.pending_loss if carried else 0.0, device=accelerator.device)
     pending_tokens = torch.tensor(state.pending_tokens if carried else 0, device=accelerator.device)
+    divergence = Divergence(accelerator.device)
     total_loss, total_steps_run, started = 0.0, 0, time.perf_counter()
     clock = {"since": time.perf_counter(), "tokens": 0}
     batches_per_epoch = len(parts.loader)
@@ -104,13 +127,18 @@ def train(parts: LoopParts, settings: TrainSection) -> dict[str, float]:
         # Resuming mid-epoch: the same shuffled order, minus what the interrupted run consumed.
         batches = skip_first_batches(parts.loader, state.batches_in_epoch) if state.batches_in_epoch else parts.loader
         for window in windows(batches, settings.gradient_accumulation_steps):
-            pending_loss += train_window(parts, window, settings.max_grad_norm)
+            share = train_window(parts, window, settings.max_grad_norm)
+            pending_loss += share
             pending_tokens += sum(batch_tokens(b) for b in window)
             state.optimizer_step += 1
             state.pending_steps += 1
             state.batches_in_epoch += len(window)
+            if state.batches_in_epoch == batches_per_epoch:
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
             step = state.optimizer_step
+            divergence.record(share, step)
             if step % settings.logging_steps == 0 or step == parts.total_steps:
+                divergence.check(accelerator, last_good)
                 row = _log_row(parts, pending_loss, pending_tokens, batches_per_epoch, clock)
                 total_loss += row["loss"] * state.pending_steps
                 total_steps_run += state.pending_steps
@@ -118,15 +146,18 @@ def train(parts: LoopParts, settings: TrainSection) -> dict[str, float]:
                 state.pending_steps = 0
             if parts.evaluate and settings.eval_steps and step % settings.eval_steps == 0 and step < parts.total_steps:
                 parts.metrics_log.write({"step": step, **parts.evaluate()})
-            if settings.save_steps and step % settings.save_steps == 0 and step < parts.total_steps:
+            stopping = parts.stop.agreed(accelerator)
+            if stopping or (settings.save_steps and step % settings.save_steps == 0 and step < parts.total_steps):
+                divergence.check(accelerator, last_good)
                 state.pending_loss = accelerator.reduce(pending_loss.clone(), reduction="sum").item()
                 state.pending_tokens = int(accelerator.reduce(pending_tokens.clone(), reduction="sum").item())
-                parts.save()
+                folder = parts.save()
+            if stopping:
+                raise Preempted(f"received {parts.stop.received}; saved {folder} at optimizer step {step}; "
+                                f"rerun with train.resume_from_checkpoint=latest to continue")
             if step >= parts.total_steps:
                 break
-        else:
-            state.epoch += 1
-            state.batches_in_epoch = 0
+    divergence.check(accelerator, last_good)
     runtime = time.perf_counter() - started
     return {"train_loss": total_loss / max(total_steps_run, 1), "train_runtime": runtime,
             "train_tokens_per_second": clock["tokens"] / max(runtime, 1e-9), "train_steps": state.optimizer_step}

@@ -56,6 +56,8 @@ CASES = {
     "misspelt config field": (lambda t: ({"model": {"config": {"model_type": "t5", "num_layer": 2}}}, []),
                               "'model.config.num_layer' (did you mean 'model.config.num_layers'?)"),
     "output_dir is a file": (lambda t: ({"train": {"output_dir": _output_is_file(t)}}, []), "exists and is a file"),
+    "output_dir under a file": (lambda t: ({"train": {"output_dir": _output_is_file(t) + "/run"}}, []),
+                                "is a file, so"),
     "hub metrics offline": (lambda t: ({"eval": {"metric_source": "hub"}}, []), "HF_HUB_OFFLINE"),
     "resume from nowhere": (lambda t: ({"train": {"resume_from_checkpoint": str(t / "ckpt")}}, []), "no such checkpoint folder"),
     "lengths past positions": (lambda t: ({"model": {"config": {"model_type": "bart", "max_position_embeddings": 32,

@@ -1,0 +1,185 @@
+"""Runs you can trust: killed or preempted anywhere, a resumed run ends bit-identical to an
+unbroken one; guards stop diverging runs and full disks cleanly; secrets never reach the disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hftk.checkpoint import MANIFEST
+from tests.conftest import ROOT, run_hftk, tiny_recipe, write_recipe
+
+FAULTS = str(ROOT / "tests" / "faults")
+# 64 rows / batch 4 = 16 micro-batches = 8 optimizer steps per epoch (accumulation 2); 20 steps
+# cross two epoch boundaries; a checkpoint every 3 steps.
+TRAIN = {"max_steps": 20, "logging_steps": 1, "save_steps": 3, "per_device_train_batch_size": 4,
+         "gradient_accumulation_steps": 2}
+
+
+def recipe_path(tmp_path: Path, name: str, **train) -> Path:
+    settings = {**TRAIN, "output_dir": str(tmp_path / name), **train}
+    return write_recipe(tmp_path, tiny_recipe(tmp_path, train=settings), f"{name}.yaml")
+
+
+def losses(folder: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def weights(folder: Path) -> bytes:
+    return (folder / "model.safetensors").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def unbroken(tmp_path_factory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("unbroken")
+    result = run_hftk("finetune", str(recipe_path(tmp_path, "run")))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp_path / "run"
+
+
+def resume(tmp_path: Path, name: str, launcher=None, env=None) -> subprocess.CompletedProcess:
+    result = run_hftk("finetune", str(recipe_path(tmp_path, name)), "train.resume_from_checkpoint=latest",
+                      launcher=launcher, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.parametrize(("fault", "what"), [
+    ("step:2", "mid-epoch, before any checkpoint"),
+    ("step:5", "mid-epoch 0, after the first checkpoint"),
+    ("step:11", "mid-epoch 1"),
+    ("micro:27", "inside an accumulation window"),
+    ("save:2", "during a checkpoint write"),
+])
+def test_sigkill_then_resume_is_bit_identical(fault, what, unbroken, tmp_path):
+    killed = run_hftk("finetune", str(recipe_path(tmp_path, "run")), env={"HFTK_FAULT": fault, "PYTHONPATH": FAULTS})
+    assert killed.returncode == -signal.SIGKILL, f"{what}: the fault did not fire"
+    if fault.startswith("save"):
+        assert list((tmp_path / "run").glob(".checkpoint-*.partial")), "the write was cut off midway"
+    resumed = resume(tmp_path, "run")
+    if fault != "step:2":
+        assert "resuming from" in resumed.stderr
+    assert weights(tmp_path / "run") == weights(unbroken), what
+    assert losses(tmp_path / "run") == losses(unbroken), what
+    assert not list((tmp_path / "run").glob(".checkpoint-*.partial"))
+
+
+def _wait_for_step(folder: Path, step: int, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert process.poll() is None, process.stderr.read()[-3000:]
+        metrics = folder / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout}s")
+
+
+def _start(command: list[str], env: dict) -> subprocess.Popen:
+    return subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, **env}, start_new_session=True)
+
+
+def test_sigterm_saves_exits_75_and_resumes_identically(unbroken, tmp_path):
+    process = _start([sys.executable, "-m", "hftk", "finetune", str(recipe_path(tmp_path, "run"))], {})
+    _wait_for_step(tmp_path / "run", 7, process)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 75, stderr[-3000:]
+    assert "hftk: stopped: received SIGTERM" in stderr and "resume_from_checkpoint=latest" in stderr
+    stopped_at = max(json.loads((p / MANIFEST).read_text())["optimizer_step"] for p in (tmp_path / "run").glob("checkpoint-*"))
+    assert stopped_at % 3 != 0 or stopped_at >= 7  # the preemption checkpoint, not only the periodic ones
+    resume(tmp_path, "run")
+    assert weights(tmp_path / "run") == weights(unbroken)
+    assert losses(tmp_path / "run") == losses(unbroken)
+
+
+def test_sigterm_under_two_process_launch(tmp_path):
+    launcher = ["accelerate", "launch", "--config_file", str(ROOT / "accelerate_configs/ddp.yaml"), "-m"]
+    env = {"ACCELERATE_USE_CPU": "true"}
+    straight = run_hftk("finetune", str(recipe_path(tmp_path, "straight")), launcher=launcher, env=env)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    process = _start(launcher + ["hftk", "finetune", str(recipe_path(tmp_path, "run"))], env)
+    _wait_for_step(tmp_path / "run", 5, process)
+    os.killpg(process.pid, signal.SIGTERM)  # as a scheduler does: the launcher and its workers
+    _, stderr = process.communicate(timeout=120)
+    assert "hftk: stopped: received SIGTERM" in stderr, stderr[-3000:]
+    resume(tmp_path, "run", launcher=launcher, env=env)
+    assert weights(tmp_path / "run") == weights(tmp_path / "straight")
+    assert losses(tmp_path / "run") == losses(tmp_path / "straight")
+
+
+def test_a_dead_process_ends_the_others_quickly(tmp_path):
+    launcher = ["accelerate", "launch", "--config_file", str(ROOT / "accelerate_configs/ddp.yaml"), "-m"]
+    started = time.time()
+    result = run_hftk("finetune", str(recipe_path(tmp_path, "run")), launcher=launcher, timeout=180,
+                      env={"ACCELERATE_USE_CPU": "true", "HFTK_FAULT": "step:4:1", "PYTHONPATH": FAULTS})
+    assert result.returncode != 0
+    assert time.time() - started < 120
+    assert (tmp_path / "run" / "checkpoint-3" / MANIFEST).is_file()  # the last good checkpoint survives
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    result = run_hftk("finetune", str(recipe_path(tmp_path, "run", learning_rate=1e30, max_grad_norm=None,
+                                                  logging_steps=2)))
+    assert result.returncode == 1
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("hftk: error: the training loss became non-finite at optimizer step")
+    bad_step = int(line.split("optimizer step ")[1].split(";")[0])
+    saved = [json.loads((p / MANIFEST).read_text())["optimizer_step"] for p in (tmp_path / "run").glob("checkpoint-*")]
+    assert all(step < bad_step for step in saved)
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_full_disk_during_a_save_leaves_earlier_checkpoints_intact(tmp_path):
+    first = run_hftk("finetune", str(recipe_path(tmp_path, "run", max_steps=6)))
+    assert first.returncode == 0, first.stderr[-3000:]
+    shutil.rmtree(tmp_path / "run" / "checkpoint-6")  # as if the run had been stopped after step 5
+    before = _digest(tmp_path / "run" / "checkpoint-3")
+    size = (tmp_path / "run" / "checkpoint-3" / "model.safetensors").stat().st_size
+
+    def small_files():  # the disk "fills up": no file may grow past half a model
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
+
+    command = [sys.executable, "-m", "hftk", "finetune", str(recipe_path(tmp_path, "run", max_steps=6)),
+               "train.resume_from_checkpoint=latest"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, preexec_fn=small_files, timeout=300)
+    assert result.returncode == 1
+    assert "cannot write checkpoint-" in result.stderr and "earlier checkpoints are intact" in result.stderr
+    assert _digest(tmp_path / "run" / "checkpoint-3") == before
+    assert not list((tmp_path / "run").glob(".checkpoint-*.partial"))
+
+
+def test_resume_with_other_training_settings_is_refused(tmp_path):
+    first = run_hftk("finetune", str(recipe_path(tmp_path, "run", max_steps=3)))
+    assert first.returncode == 0
+    result = run_hftk("finetune", str(recipe_path(tmp_path, "run", max_steps=3)), "train.resume_from_checkpoint=latest",
+                      "train.learning_rate=0.5", "train.logging_steps=7")
+    assert result.returncode == 2
+    assert "train.learning_rate (0.001 -> 0.5)" in result.stderr and "logging_steps" not in result.stderr
+
+
+def test_no_token_reaches_the_disk(tmp_path):
+    secret = "hf_secretTOKENvalue1234567890"
+    result = run_hftk("finetune", str(recipe_path(tmp_path, "run", max_steps=3)), env={"HF_TOKEN": secret})
+    assert result.returncode == 0
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
