@@ -11,6 +11,7 @@ import datasets
 from hftk.errors import UserError
 from hftk.recipe import DataSection, DataSource
 from hftk.tasks.base import EXAMPLE_INDEX, Task
+from hftk.tasks.squad_schema import flatten_nested_squad, is_nested_squad
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 ROWS_CHECKED = 100
@@ -42,6 +43,8 @@ def _load_file(path: Path, where: str) -> datasets.Dataset:
     builder = FILE_BUILDERS.get(suffix[0])
     if builder is None:
         raise UserError(f"{where}: {path} is not a .json, .jsonl, .csv or .parquet file")
+    if is_nested_squad(path):
+        return datasets.Dataset.from_list(flatten_nested_squad(path))
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as err:  # the builders raise many types for a malformed file
@@ -102,6 +105,8 @@ def _load_all(task: Task, data: DataSection, keys: list[str]):
             continue
         dataset = load_split(source, key)
         check_split(dataset, task, data, key)
+        if hasattr(task, "repair"):  # tasks whose real-world data needs mending (QA answer offsets)
+            dataset = task.repair(dataset, data, f"data.{key}")
         limit = data.max_train_samples if key == "train" else data.max_eval_samples
         yield key, (dataset.select(range(min(limit, len(dataset)))) if limit else dataset)
 
@@ -110,7 +115,9 @@ def _encode(rows: dict[str, list[Any]], indices: list[int], task: Task, tokenize
             family: str, training: bool) -> dict[str, list[Any]]:
     features = task.preprocess(rows, tokenizer, data, family, training)
     if not training:
-        features[EXAMPLE_INDEX] = list(indices)
+        # A task that splits rows into several features (QA windows) says which row each came from.
+        relative = features.get(EXAMPLE_INDEX, range(len(indices)))
+        features[EXAMPLE_INDEX] = [indices[i] for i in relative]
     return features
 
 

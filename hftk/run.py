@@ -7,6 +7,7 @@ tokenizer, model, data) -> train -> finish (final checkpoint, model, evaluation,
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from hftk.errors import RunError, UserError
 from hftk.hub import write_model_card
 from hftk.recipe import Recipe, TrainSection
 from hftk.tasks import get_task
-from hftk.tasks.base import Encoding, Task
+from hftk.tasks.base import ENCODER_ONLY, Encoding, Task
 from hftk.tracking import MetricsLog, log, setup_logging
 
 
@@ -80,6 +81,13 @@ def make_accelerator(settings: TrainSection):
 
 
 def build_tokenizer(plan: Plan, accelerator: Any) -> Any:
+    tokenizer = _raw_tokenizer(plan, accelerator)
+    if hasattr(plan.task, "prepare_tokenizer"):  # e.g. a chat template for dialogue
+        tokenizer = plan.task.prepare_tokenizer(tokenizer)
+    return tokenizer
+
+
+def _raw_tokenizer(plan: Plan, accelerator: Any) -> Any:
     from hftk import tokenizer as tok
 
     spec = plan.recipe.model.tokenizer
@@ -116,21 +124,25 @@ def evaluate_split(plan: Plan, accelerator: Any, model: Any, tokenizer: Any, key
     features = tokenized(plan, accelerator, tokenizer, key, training=False)
     collator = task.collator(tokenizer, plan.encoding.family, decoder_inputs_for(accelerator.unwrap_model(model)))
     loader = accelerator.prepare(make_loader(features, collator, recipe.eval.per_device_eval_batch_size, shuffle=False))
-    loss, by_index = run_evaluation(accelerator, model, loader, tokenizer, plan.encoding.family,
-                                    plan.encoding.generates, recipe.eval)
-    results = {"eval_loss": loss}
     raw = plan.splits[key]
-    references = task.references(raw[:], recipe.data)
-    rows = []
-    if plan.encoding.generates:
-        order = sorted(by_index)
-        predictions = [by_index[i] for i in order]
-        scores = task.compute_metrics(predictions, [references[i] for i in order], recipe.eval.metric_source)
+    rows = raw[:]
+    loss, by_index = run_evaluation(accelerator, model, loader, tokenizer, task, plan.encoding.family, recipe.eval,
+                                    rows, recipe.data)
+    results = {"eval_loss": loss}
+    if plan.encoding.family != ENCODER_ONLY:
+        results["eval_perplexity"] = math.exp(min(loss, 50.0))  # capped: exp overflows past ~700
+    predictions = []
+    if by_index:
+        references = task.references(rows, recipe.data)
+        order = range(len(raw))
+        texts = [by_index.get(i, "") for i in order]  # an example with no prediction scores as empty
+        scores = task.compute_metrics(texts, references, recipe.eval.metric_source)
         results.update({f"eval_{k}": v for k, v in scores.items()})
-        ids = raw[recipe.data.id_column or "id"] if (recipe.data.id_column or "id") in raw.column_names else order
-        rows = [{"id": ids[i], "prediction": by_index[i], "reference": references[i]} for i in order]
+        id_column = recipe.data.id_column or "id"
+        ids = rows[id_column] if id_column in rows else list(order)
+        predictions = [{"id": ids[i], "prediction": texts[i], "reference": references[i]} for i in order]
     results["eval_samples"] = len(raw)
-    return results, rows
+    return results, predictions
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -149,6 +161,11 @@ def finetune(recipe: Recipe) -> dict[str, Any]:
     settings, output_dir = recipe.train, Path(recipe.train.output_dir)
     accelerator = make_accelerator(settings)
     strategy = parallel.strategy_for(recipe.parallel, accelerator)
+    tokenizer = build_tokenizer(plan, accelerator)
+    # Tokenize before anything is written: rows that cannot be encoded are bad input too.
+    train_features = tokenized(plan, accelerator, tokenizer, "train", training=True)
+    if "validation" in plan.splits:
+        tokenized(plan, accelerator, tokenizer, "validation", training=False)  # cached for evaluation
     if accelerator.is_main_process:
         if settings.overwrite_output_dir and output_dir.exists():
             shutil.rmtree(output_dir)
@@ -156,11 +173,9 @@ def finetune(recipe: Recipe) -> dict[str, Any]:
         (output_dir / "recipe.yaml").write_text(recipe.dump_yaml())
     accelerator.wait_for_everyone()
 
-    tokenizer = build_tokenizer(plan, accelerator)
     with parallel.model_construction(accelerator):
         model = models.build_model(recipe.model, plan.config, plan.encoding, tokenizer)
     parallel.apply_recipe_to_deepspeed(accelerator, settings.max_grad_norm)
-    train_features = tokenized(plan, accelerator, tokenizer, "train", training=True)
     collator = plan.task.collator(tokenizer, plan.encoding.family, decoder_inputs_for(model))
     loader = make_loader(train_features, collator, settings.per_device_train_batch_size, True,
                          settings.dataloader_num_workers)

@@ -51,22 +51,29 @@ def train_tokenizer(texts: Iterable[str], spec: TokenizerTraining, family: str) 
     backend = Tokenizer(models.BPE(unk_token="<unk>"))
     steps = [normalizers.NFKC()] + ([normalizers.Lowercase()] if spec.lowercase else [])
     backend.normalizer = normalizers.Sequence(steps)
-    backend.pre_tokenizer = pre_tokenizers.Metaspace()
-    backend.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size, min_frequency=spec.min_frequency, special_tokens=SPECIAL_TOKENS)
+    # Byte-level, as GPT-2: every byte has a token, so newlines, accents and emoji never become <unk>
+    # and decode() gives back the text exactly.
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size, min_frequency=spec.min_frequency,
+                                  special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator(texts, trainer)
     ids = {tok: backend.token_to_id(tok) for tok in SPECIAL_TOKENS}
+    template = None
     if family == ENCODER_DECODER:
         # Like T5: every encoded text ends with </s>.
-        backend.post_processor = processors.TemplateProcessing(
+        template = processors.TemplateProcessing(
             single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", ids["</s>"])]
         )
     elif family != DECODER_ONLY:
         # Encoders see <s> question </s> context </s>, as RoBERTa does.
-        backend.post_processor = processors.TemplateProcessing(
+        template = processors.TemplateProcessing(
             single="<s> $A </s>", pair="<s> $A </s> $B </s>",
             special_tokens=[("<s>", ids["<s>"]), ("</s>", ids["</s>"])],
         )
+    # trim_offsets: a token's character span leaves out its leading space (answer spans in QA).
+    trim = processors.ByteLevel(trim_offsets=True)
+    backend.post_processor = processors.Sequence([trim, template]) if template else trim
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", bos_token="<s>"
     )

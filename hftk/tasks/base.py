@@ -53,6 +53,14 @@ class Task(Protocol):
     ) -> Callable[[list[dict]], dict]:
         """Pads a list of features into a batch; decoder_inputs shifts labels for encoder-decoders."""
 
+    def predict(self, accelerator: Any, model: Any, batch: dict, tokenizer: Any, settings: Any,
+                family: str) -> dict[str, Any]:
+        """Per-example outputs of one eval batch (B first), padded across processes for gathering."""
+
+    def decode(self, collected: dict[str, list[Any]], rows: dict[str, list[Any]], tokenizer: Any,
+               data: DataSection) -> dict[int, str]:
+        """Gathered outputs (with EXAMPLE_INDEX) to one prediction text per raw example index."""
+
     def references(self, rows: dict[str, list[Any]], data: DataSection) -> list[Any]:
         """The reference each raw row is scored against."""
 

@@ -13,7 +13,9 @@ from hftk.errors import UserError
 from hftk.recipe import DataSection
 from hftk.tasks.base import DECODER_ONLY
 from hftk.tasks.squad_schema import answer_texts, check_answers, qa_columns
-from hftk.tasks.text_to_text import TEXT_TO_TEXT_ENCODINGS, TextToTextCollator, encode_pairs
+from hftk.tasks.text_to_text import (
+    TEXT_TO_TEXT_ENCODINGS, TextToTextCollator, decode_generated, encode_pairs, predict_by_generation,
+)
 
 
 class GenerativeQA:
@@ -57,6 +59,9 @@ class GenerativeQA:
 
     def collator(self, tokenizer: Any, family: str, decoder_inputs: Callable | None = None):
         return TextToTextCollator(tokenizer.pad_token_id, decoder_inputs)
+
+    predict = staticmethod(predict_by_generation)
+    decode = staticmethod(decode_generated)
 
     def references(self, rows: dict[str, list[Any]], data: DataSection) -> list[list[str]]:
         return answer_texts(rows, data)

@@ -7,7 +7,9 @@ from typing import Any, Callable
 from hftk import metrics
 from hftk.errors import UserError
 from hftk.recipe import DataSection
-from hftk.tasks.text_to_text import TEXT_TO_TEXT_ENCODINGS, TextToTextCollator, encode_pairs
+from hftk.tasks.text_to_text import (
+    TEXT_TO_TEXT_ENCODINGS, TextToTextCollator, decode_generated, encode_pairs, predict_by_generation,
+)
 
 # Decoder-only models see the document followed by this cue and continue with the summary.
 PROMPT_CUE = "\nSummary:"
@@ -58,6 +60,9 @@ class Summarization:
 
     def collator(self, tokenizer: Any, family: str, decoder_inputs: Callable | None = None):
         return TextToTextCollator(tokenizer.pad_token_id, decoder_inputs)
+
+    predict = staticmethod(predict_by_generation)
+    decode = staticmethod(decode_generated)
 
     def references(self, rows: dict[str, list[Any]], data: DataSection) -> list[str]:
         return list(rows[self._target(data)])

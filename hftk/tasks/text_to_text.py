@@ -88,3 +88,20 @@ class TextToTextCollator:
         if EXAMPLE_INDEX in rows[0]:
             batch[EXAMPLE_INDEX] = torch.tensor([r[EXAMPLE_INDEX] for r in rows], dtype=torch.long)
         return batch
+
+
+def predict_by_generation(accelerator: Any, model: Any, batch: dict[str, torch.Tensor], tokenizer: Any,
+                          settings: Any, family: str) -> dict[str, torch.Tensor]:
+    """Greedy or beam generation, padded so every process's tensor has the same width for gather."""
+    from hftk.train.evaluation import generate
+
+    return {"tokens": generate(accelerator, model, batch, family, settings, tokenizer)}
+
+
+def decode_generated(collected: dict[str, list[torch.Tensor]], rows: dict[str, list[Any]], tokenizer: Any,
+                     data: Any) -> dict[int, str]:
+    predictions: dict[int, str] = {}
+    for indices, tokens in zip(collected[EXAMPLE_INDEX], collected["tokens"]):
+        texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        predictions.update(zip(indices.tolist(), (t.strip() for t in texts)))
+    return predictions

@@ -9,7 +9,9 @@ from hftk import metrics
 from hftk.errors import UserError
 from hftk.recipe import DataSection
 from hftk.tasks.base import DECODER_ONLY
-from hftk.tasks.text_to_text import TEXT_TO_TEXT_ENCODINGS, TextToTextCollator, encode_pairs
+from hftk.tasks.text_to_text import (
+    TEXT_TO_TEXT_ENCODINGS, TextToTextCollator, decode_generated, encode_pairs, predict_by_generation,
+)
 
 LANGUAGE_NAMES = {"en": "English", "fr": "French", "de": "German", "ro": "Romanian", "es": "Spanish",
                   "it": "Italian", "pt": "Portuguese", "cs": "Czech", "ru": "Russian", "zh": "Chinese",
@@ -78,6 +80,9 @@ class Translation:
 
     def collator(self, tokenizer: Any, family: str, decoder_inputs: Callable | None = None):
         return TextToTextCollator(tokenizer.pad_token_id, decoder_inputs)
+
+    predict = staticmethod(predict_by_generation)
+    decode = staticmethod(decode_generated)
 
     def references(self, rows: dict[str, list[Any]], data: DataSection) -> list[list[str]]:
         return [[t] for t in self.pairs(rows, data)[1]]  # sacreBLEU: a list of references per prediction

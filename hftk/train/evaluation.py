@@ -6,7 +6,7 @@ batch) -> decode -> the task's metric. Each example's loss and prediction is cou
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import defaultdict
 from typing import Any
 
 import torch
@@ -14,12 +14,6 @@ import torch
 from hftk.recipe import EvalSection
 from hftk.tasks.base import DECODER_ONLY, EXAMPLE_INDEX
 from hftk.train.objective import token_counts, token_loss_sums, without_index
-
-
-@dataclass
-class EvalOutput:
-    metrics: dict[str, float]  # eval_* names
-    predictions: dict[int, str]  # example index -> generated text
 
 
 def needs_synced_generation(accelerator: Any, model: Any) -> bool:
@@ -54,25 +48,25 @@ def generate(accelerator: Any, model: Any, batch: dict[str, torch.Tensor], famil
 
 
 @torch.no_grad()
-def run_evaluation(accelerator: Any, model: Any, loader: Any, tokenizer: Any, family: str, generates: bool,
-                   settings: EvalSection) -> tuple[float, dict[int, str]]:
-    """Returns the token-weighted mean loss over the split and the decoded predictions by example index."""
+def run_evaluation(accelerator: Any, model: Any, loader: Any, tokenizer: Any, task: Any, family: str,
+                   settings: EvalSection, rows: dict[str, list[Any]], data: Any) -> tuple[float, dict[int, str]]:
+    """Returns the mean loss over the split (per target token, or per window for spans) and the
+    task's prediction for every raw example index."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64)
     count = torch.zeros((), dtype=torch.float64)
-    predictions: dict[int, str] = {}
+    collected: dict[str, list[torch.Tensor]] = defaultdict(list)
     for batch in loader:
-        indices = batch[EXAMPLE_INDEX]
         features = without_index(batch)
-        sums, counts = token_loss_sums(model, features, family), token_counts(features, family)
-        gathered = [indices, sums, counts]
-        if generates:
-            gathered.append(generate(accelerator, model, features, family, settings, tokenizer))
-        gathered = accelerator.gather_for_metrics(tuple(gathered))
-        loss_sum += gathered[1].double().sum().cpu()
-        count += gathered[2].double().sum().cpu()
-        if generates:
-            texts = tokenizer.batch_decode(gathered[3], skip_special_tokens=True)
-            predictions.update(zip(gathered[0].tolist(), (t.strip() for t in texts)))
+        outputs = task.predict(accelerator, model, features, tokenizer, settings, family)
+        gathered = accelerator.gather_for_metrics({
+            EXAMPLE_INDEX: batch[EXAMPLE_INDEX], "loss": token_loss_sums(model, features, family),
+            "count": token_counts(features, family), **outputs,
+        })
+        loss_sum += gathered.pop("loss").double().sum().cpu()
+        count += gathered.pop("count").double().sum().cpu()
+        for key, value in gathered.items():
+            collected[key].append(value.cpu())
     model.train()
+    predictions = task.decode(collected, rows, tokenizer, data) if len(collected) > 1 else {}
     return (loss_sum / count.clamp(min=1)).item(), predictions

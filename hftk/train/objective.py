@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hftk.tasks.base import DECODER_ONLY, EXAMPLE_INDEX
+from hftk.tasks.base import DECODER_ONLY, ENCODER_ONLY, EXAMPLE_INDEX
 from hftk.tasks.text_to_text import IGNORE_INDEX
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "token_type_ids")
@@ -29,12 +29,16 @@ def _target_labels(batch: dict[str, torch.Tensor], family: str) -> torch.Tensor:
 
 
 def token_counts(batch: dict[str, torch.Tensor], family: str) -> torch.Tensor:
-    """Target tokens per example: the denominator of the loss."""
+    """Target tokens per example (one per window for span extraction): the denominator of the loss."""
+    if family == ENCODER_ONLY:
+        return torch.ones_like(batch["start_positions"])
     return (_target_labels(batch, family) != IGNORE_INDEX).sum(dim=1)
 
 
 def token_loss_sums(model: Any, batch: dict[str, torch.Tensor], family: str) -> torch.Tensor:
     """Summed cross-entropy per example, shape [batch]."""
+    if family == ENCODER_ONLY:
+        return span_losses(model, batch)
     logits = model(**model_inputs(batch)).logits
     if family == DECODER_ONLY:
         logits = logits[:, :-1]
@@ -43,6 +47,14 @@ def token_loss_sums(model: Any, batch: dict[str, torch.Tensor], family: str) -> 
         logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
     )
     return losses.view(labels.shape).sum(dim=1)
+
+
+def span_losses(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean of the start and end cross-entropies, per window."""
+    outputs = model(**model_inputs(batch))
+    start = F.cross_entropy(outputs.start_logits.float(), batch["start_positions"], reduction="none")
+    end = F.cross_entropy(outputs.end_logits.float(), batch["end_positions"], reduction="none")
+    return (start + end) / 2
 
 
 def without_index(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

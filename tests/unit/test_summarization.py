@@ -28,7 +28,7 @@ def data(**kwargs) -> DataSection:
 def test_encoder_decoder_features(tokenizers):
     tokenizer = tokenizers[ENCODER_DECODER]
     task = get_task("summarization")
-    features = task.preprocess(ROWS, tokenizer, data(max_source_length=6, max_target_length=4), ENCODER_DECODER, True)
+    features = task.preprocess(ROWS, tokenizer, data(max_source_length=6, max_target_length=16), ENCODER_DECODER, True)
     assert [len(ids) for ids in features["input_ids"]] == [6, min(6, len(tokenizer(ROWS["document"][1]).input_ids))]
     assert all(ids[-1] == tokenizer.eos_token_id for ids in features["input_ids"])  # truncation keeps </s>
     assert tokenizer.decode(features["labels"][1], skip_special_tokens=True) == "Rain in Lima."
