@@ -63,6 +63,9 @@ def evaluate(
     model: Optional[str] = typer.Option(None, "--model", help="Saved model directory [default: train.output_dir]."),
     split: str = typer.Option("validation", "--split", help="validation, test or train."),
     output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Where results go [default: the model directory]."),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Also sample a continuation of this text "
+                                               "into samples.jsonl (repeatable)."),
+    temperature: float = typer.Option(0.8, "--temperature", min=0.01, help="Sampling temperature for --prompt."),
 ) -> None:
     """Evaluate a saved model on a split; writes eval_results.json and predictions.jsonl."""
     from hftk.recipe import load_recipe
@@ -72,7 +75,7 @@ def evaluate(
 
         if split not in {"train", "validation", "test"}:
             raise UserError(f"--split must be train, validation or test, not '{split}'")
-        results = evaluate_saved(load_recipe(recipe, overrides), model, split, output_dir)
+        results = evaluate_saved(load_recipe(recipe, overrides), model, split, output_dir, prompt, temperature)
         if _is_main_process():
             for key, value in results.items():
                 typer.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")

@@ -124,7 +124,14 @@ def _encode(rows: dict[str, list[Any]], indices: list[int], task: Task, tokenize
 def tokenize(dataset: datasets.Dataset, task: Task, tokenizer: Any, data: DataSection, family: str,
              training: bool) -> datasets.Dataset:
     """datasets caches the result under a fingerprint of the function and its arguments, so a change of
-    tokenizer, lengths, columns or family makes a new cache entry instead of reusing a stale one."""
+    tokenizer, lengths, columns or family makes a new cache entry instead of reusing a stale one.
+    Quiet: a row that cannot be encoded is bad input, reported as one line."""
+    with quiet_datasets():
+        return _map(dataset, task, tokenizer, data, family, training)
+
+
+def _map(dataset: datasets.Dataset, task: Task, tokenizer: Any, data: DataSection, family: str,
+         training: bool) -> datasets.Dataset:
     return dataset.map(
         _encode,
         with_indices=True,

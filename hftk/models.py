@@ -82,7 +82,7 @@ def pick_encoding(task: Task, config: PretrainedConfig) -> Encoding:
     if family not in encodings:
         supported = " or ".join(sorted(encodings))
         raise UserError(
-            f"task {task.name} cannot use a {family} model ({config.model_type}); it needs a {supported} model"
+            f"task {task.name} cannot use an {family} model ({config.model_type}); it needs an {supported} model"
         )
     return encodings[family]
 

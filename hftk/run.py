@@ -247,7 +247,24 @@ def save_model(accelerator: Any, model: Any, state_dict: dict, tokenizer: Any, o
     accelerator.wait_for_everyone()
 
 
-def evaluate_saved(recipe: Recipe, model_dir: str | None, split: str, output_dir: str | None) -> dict[str, Any]:
+def sample_continuations(model: Any, tokenizer: Any, prompts: list[str], settings: Any, temperature: float) -> list[dict]:
+    """Sampled continuations of free prompts (top-p 0.95), for a look at what a model writes."""
+    import torch
+
+    samples = []
+    for prompt in prompts:
+        inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+        with torch.no_grad():
+            output = model.generate(**inputs, do_sample=True, top_p=0.95, temperature=temperature,
+                                    max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        if not model.config.is_encoder_decoder:
+            output = output[:, inputs["input_ids"].shape[1]:]
+        samples.append({"prompt": prompt, "continuation": tokenizer.decode(output[0], skip_special_tokens=True)})
+    return samples
+
+
+def evaluate_saved(recipe: Recipe, model_dir: str | None, split: str, output_dir: str | None,
+                   prompts: list[str] | None = None, temperature: float = 0.8) -> dict[str, Any]:
     import transformers
 
     from hftk.tokenizer import with_pad_token
@@ -268,6 +285,9 @@ def evaluate_saved(recipe: Recipe, model_dir: str | None, split: str, output_dir
         target.mkdir(parents=True, exist_ok=True)
         (target / "eval_results.json").write_text(json.dumps(results, indent=2))
         write_jsonl(target / "predictions.jsonl", rows)
+        if prompts:
+            write_jsonl(target / "samples.jsonl", sample_continuations(
+                accelerator.unwrap_model(model), tokenizer, prompts, recipe.eval, temperature))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results

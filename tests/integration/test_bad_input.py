@@ -32,6 +32,22 @@ def _not_text(tmp_path):
     return str(path)
 
 
+def _rows(tmp_path, name, rows):
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _task(task, train, *extra):
+    return lambda t: ({}, [f"task={task}", f"data.train={train(t) if callable(train) else train}",
+                           f"data.validation={train(t) if callable(train) else train}", *extra])
+
+
+QA_FILE = str(ROOT / "data/qa/validation.jsonl")
+BAD_ANSWERS = lambda t: _rows(t, "qa", [{"question": "Who?", "context": "Ana spoke.", "answers": "Ana"}])  # noqa: E731
+NO_ROLES = lambda t: _rows(t, "chat", [{"messages": [{"speaker": "user", "text": "hi"}]}])  # noqa: E731
+
+
 def _output_is_file(tmp_path):
     path = tmp_path / "taken"
     path.write_text("not a directory")
@@ -39,6 +55,13 @@ def _output_is_file(tmp_path):
 
 
 CASES = {
+    "task on a family it cannot use": (_task("extractive_qa", QA_FILE), "task extractive_qa cannot use an encoder-decoder model (t5)"),
+    "missing language key": (_task("translation", str(ROOT / "data/translate/validation.jsonl"), "data.source_lang=en",
+                                   "data.target_lang=de"), "has no language 'de'"),
+    "no languages given": (_task("translation", str(ROOT / "data/translate/validation.jsonl")), "needs data.source_lang"),
+    "answers not in SQuAD shape": (_task("generative_qa", BAD_ANSWERS), "SQuAD shape"),
+    "dialogue row without roles": (_task("dialogue", NO_ROLES), "every message needs a role"),
+    "no room for the question": (_task("generative_qa", QA_FILE, "data.max_source_length=6"), "leaves no room for the context"),
     "unknown key": (lambda t: ({}, ["train.learnig_rate=1e-3"]), "unknown key 'train.learnig_rate' (did you mean 'train.learning_rate'?)"),
     "unknown task": (lambda t: ({}, ["task=poetry"]), "task: must be one of"),
     "negative lr": (lambda t: ({}, ["train.learning_rate=-0.1"]), "train.learning_rate"),
