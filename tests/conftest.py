@@ -54,6 +54,22 @@ def write_recipe(tmp_path: Path, recipe: dict, name: str = "recipe.yaml") -> Pat
     return path
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def accelerate_launch(config: str | None = None, *flags: str) -> list[str]:
+    """`accelerate launch ... -m` on a free port, so launches in parallel test workers never collide."""
+    command = ["accelerate", "launch", "--main_process_port", str(free_port())]
+    if config:
+        command += ["--config_file", str(ROOT / "accelerate_configs" / config)]
+    return command + [*flags, "-m"]
+
+
 def run_hftk(*args: str, cwd: Path = ROOT, env: dict | None = None, launcher: list[str] | None = None,
              timeout: int = 600) -> subprocess.CompletedProcess:
     """The real command in a fresh process, as a user types it."""

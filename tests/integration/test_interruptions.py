@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from hftk.checkpoint import MANIFEST
-from tests.conftest import ROOT, run_hftk, tiny_recipe, write_recipe
+from tests.conftest import ROOT, accelerate_launch, run_hftk, tiny_recipe, write_recipe
 
 FAULTS = str(ROOT / "tests" / "faults")
 # 64 rows / batch 4 = 16 micro-batches = 8 optimizer steps per epoch (accumulation 2); 20 steps
@@ -106,7 +106,7 @@ def test_sigterm_saves_exits_75_and_resumes_identically(unbroken, tmp_path):
 
 
 def test_sigterm_under_two_process_launch(tmp_path):
-    launcher = ["accelerate", "launch", "--config_file", str(ROOT / "accelerate_configs/ddp.yaml"), "-m"]
+    launcher = accelerate_launch("ddp.yaml")
     env = {"ACCELERATE_USE_CPU": "true"}
     straight = run_hftk("finetune", str(recipe_path(tmp_path, "straight")), launcher=launcher, env=env)
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -121,7 +121,7 @@ def test_sigterm_under_two_process_launch(tmp_path):
 
 
 def test_a_dead_process_ends_the_others_quickly(tmp_path):
-    launcher = ["accelerate", "launch", "--config_file", str(ROOT / "accelerate_configs/ddp.yaml"), "-m"]
+    launcher = accelerate_launch("ddp.yaml")
     started = time.time()
     result = run_hftk("finetune", str(recipe_path(tmp_path, "run")), launcher=launcher, timeout=180,
                       env={"ACCELERATE_USE_CPU": "true", "HFTK_FAULT": "step:4:1", "PYTHONPATH": FAULTS})
