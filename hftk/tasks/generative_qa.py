@@ -40,6 +40,7 @@ class GenerativeQA:
         cols = qa_columns(data)
         sources = []
         for question, context in zip(rows[cols.question], rows[cols.context]):
+            # A decoder reads the question last, right before it answers (measured: better than first).
             head, tail = (f"question: {question} context: ", "") if family != DECODER_ONLY else \
                 ("context: ", f"\nquestion: {question}\nanswer:")
             room = data.max_source_length - len(tokenizer(head + tail, add_special_tokens=True)["input_ids"])

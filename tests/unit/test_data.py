@@ -61,3 +61,15 @@ def test_tokenized_cache_key_follows_tokenizer_and_lengths(files):
     assert cached(tok_b, 8)._fingerprint != first._fingerprint
     assert first.cache_files, "tokenized rows should live in the datasets cache"
     assert max(len(ids) for ids in cached(tok_a, 6)["input_ids"]) == 6
+
+
+def test_tokenized_cache_key_follows_the_preprocessing_code(files, monkeypatch):
+    task = get_task("summarization")
+    raw = data.load_checked(task, DataSection(train={"path": str(files / "rows.jsonl")}), ["train"])["train"]
+    tokenizer = train_tokenizer(list(raw["document"]) * 5, TokenizerTraining(vocab_size=100, min_frequency=1),
+                                ENCODER_DECODER)
+    section = DataSection(train={"path": "x.jsonl"})
+    before = data.tokenize(raw, task, tokenizer, section, ENCODER_DECODER, training=True)._fingerprint
+    monkeypatch.setattr(data, "preprocessing_code_fingerprint", lambda: "another hftk version")
+    after = data.tokenize(raw, task, tokenizer, section, ENCODER_DECODER, training=True)._fingerprint
+    assert before != after
