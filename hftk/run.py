@@ -152,27 +152,51 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def finetune(recipe: Recipe) -> dict[str, Any]:
-    from hftk.train.loop import LoopParts, train
-    from hftk.train.optim import build_optimizer, build_scheduler, total_optimizer_steps
-    from hftk.train.preemption import StopFlag
-    from hftk.train.state import TrainState
+    """plan (every check) -> tokenizer and data -> output dir -> model and loop -> train -> finish."""
+    from hftk.train.loop import train
 
     plan = plan_finetune(recipe)
-    settings, output_dir = recipe.train, Path(recipe.train.output_dir)
-    accelerator = make_accelerator(settings)
+    accelerator = make_accelerator(recipe.train)
     strategy = parallel.strategy_for(recipe.parallel, accelerator)
     tokenizer = build_tokenizer(plan, accelerator)
     # Tokenize before anything is written: rows that cannot be encoded are bad input too.
     train_features = tokenized(plan, accelerator, tokenizer, "train", training=True)
     if "validation" in plan.splits:
         tokenized(plan, accelerator, tokenizer, "validation", training=False)  # cached for evaluation
+    start_output_dir(accelerator, recipe)
+    parts = setup_training(plan, accelerator, strategy, tokenizer, train_features)
+    log.info(f"training {parts.total_steps} optimizer steps on {accelerator.num_processes} process(es)")
+    try:
+        train_results = train(parts, recipe.train, lambda: _latest(recipe.train.output_dir))
+    finally:
+        parts.stop.uninstall()
+    return finish(plan, parts, strategy, tokenizer, train_results)
+
+
+def start_output_dir(accelerator: Any, recipe: Recipe) -> None:
+    output_dir = Path(recipe.train.output_dir)
     if accelerator.is_main_process:
-        if settings.overwrite_output_dir and output_dir.exists():
+        if recipe.train.overwrite_output_dir and output_dir.exists():
             shutil.rmtree(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "recipe.yaml").write_text(recipe.dump_yaml())
     accelerator.wait_for_everyone()
 
+
+def _latest(output_dir: str) -> str | None:
+    latest = checkpoint.latest_checkpoint(Path(output_dir))
+    return str(latest) if latest else None
+
+
+def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, train_features: Any):
+    """Model, optimizer, loader and schedule, prepared for the strategy and restored on resume."""
+    from hftk.train.loop import LoopParts
+    from hftk.train.optim import build_optimizer, build_scheduler, total_optimizer_steps
+    from hftk.train.preemption import StopFlag
+    from hftk.train.state import TrainState
+
+    recipe, settings = plan.recipe, plan.recipe.train
+    output_dir = Path(settings.output_dir)
     with parallel.model_construction(accelerator):
         model = models.build_model(recipe.model, plan.config, plan.encoding, tokenizer)
     parallel.apply_recipe_to_deepspeed(accelerator, settings.max_grad_norm)
@@ -195,26 +219,22 @@ def finetune(recipe: Recipe) -> dict[str, Any]:
         metrics_log.truncate_after(0)  # a fresh start (also "latest" with nothing saved yet)
 
     def run_eval() -> dict[str, float]:
-        results, _ = evaluate_split(plan, accelerator, model, tokenizer, "validation")
-        return results
+        return evaluate_split(plan, accelerator, model, tokenizer, "validation")[0]
 
     def save() -> str:
         return str(checkpoint.save_checkpoint(
             accelerator, output_dir, state.optimizer_step, recipe.dump_yaml(), settings.save_total_limit,
             lambda folder: strategy.save_extra(accelerator, folder, model, optimizer)))
 
-    def last_good() -> str | None:
-        latest = checkpoint.latest_checkpoint(output_dir)
-        return str(latest) if latest else None
+    return LoopParts(accelerator, model, optimizer, scheduler, loader, plan.encoding.family, total_steps, state,
+                     metrics_log, run_eval if "validation" in plan.splits else None, save, StopFlag().install())
 
-    parts = LoopParts(accelerator, model, optimizer, scheduler, loader, plan.encoding.family, total_steps, state,
-                      metrics_log, run_eval if "validation" in plan.splits else None, save, StopFlag().install())
-    log.info(f"training {total_steps} optimizer steps on {accelerator.num_processes} process(es)")
-    try:
-        train_results = train(parts, settings, last_good)
-    finally:
-        parts.stop.uninstall()
-    save()
+
+def finish(plan: Plan, parts: Any, strategy: Any, tokenizer: Any, train_results: dict) -> dict[str, Any]:
+    """The final checkpoint, the whole model, the last evaluation, results and the model card."""
+    recipe, accelerator, model = plan.recipe, parts.accelerator, parts.model
+    output_dir = Path(recipe.train.output_dir)
+    parts.save()
     try:
         save_model(accelerator, accelerator.unwrap_model(model), strategy.full_state_dict(accelerator, model),
                    tokenizer, output_dir)
@@ -225,7 +245,7 @@ def finetune(recipe: Recipe) -> dict[str, Any]:
     if "validation" in plan.splits:
         eval_results, rows = evaluate_split(plan, accelerator, model, tokenizer, "validation")
         results.update(eval_results)
-        metrics_log.write({"step": state.optimizer_step, **eval_results})
+        parts.metrics_log.write({"step": parts.state.optimizer_step, **eval_results})
         if accelerator.is_main_process:
             write_jsonl(output_dir / "predictions.jsonl", rows)
     if accelerator.is_main_process:
