@@ -46,13 +46,12 @@ def run_trainer(recipe_path: str, steps: int, hftk_dir: Path, output_dir: Path) 
     model = AutoModelForSeq2SeqLM.from_config(config)
     train = data.tokenize(plan.splits["train"], plan.task, tokenizer, recipe.data, plan.encoding.family, True)
     validation = plan.splits["validation"]
-    source = recipe.data.source_column or "document"
     args = Seq2SeqTrainingArguments(
         output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=recipe.train.per_device_train_batch_size,
         learning_rate=recipe.train.learning_rate, weight_decay=recipe.train.weight_decay,
-        warmup_ratio=recipe.train.warmup_ratio, lr_scheduler_type=recipe.train.lr_scheduler_type,
+        warmup_steps=recipe.train.warmup_ratio, lr_scheduler_type=recipe.train.lr_scheduler_type,
         max_grad_norm=recipe.train.max_grad_norm, logging_steps=50, save_strategy="no", eval_strategy="no",
-        report_to=[], seed=recipe.train.seed, predict_with_generate=True, use_cpu=True,
+        report_to=[], disable_tqdm=True, seed=recipe.train.seed, predict_with_generate=True, use_cpu=True,
         per_device_eval_batch_size=recipe.eval.per_device_eval_batch_size,
     )
     trainer = Seq2SeqTrainer(model=model, args=args, train_dataset=train,
@@ -61,14 +60,17 @@ def run_trainer(recipe_path: str, steps: int, hftk_dir: Path, output_dir: Path) 
     started = time.perf_counter()
     output = trainer.train()
     train_seconds = time.perf_counter() - started
-    inputs = tokenizer(validation[source], max_length=recipe.data.max_source_length, truncation=True)
-    eval_set = validation.from_dict({"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]})
+    # Labels too: the Trainer computes the eval loss alongside generation, as hftk does.
+    eval_set = data.tokenize(validation, plan.task, tokenizer, recipe.data, plan.encoding.family, True)
+    started = time.perf_counter()
     predictions = trainer.predict(eval_set, max_new_tokens=recipe.eval.max_new_tokens, num_beams=recipe.eval.num_beams)
+    eval_seconds = time.perf_counter() - started
     ids = predictions.predictions
     ids[ids < 0] = tokenizer.pad_token_id
     texts = [t.strip() for t in tokenizer.batch_decode(ids, skip_special_tokens=True)]
-    rouge = metrics.rouge(texts, validation[recipe.data.target_column or "summary"])
-    return {"train_seconds": train_seconds, "train_loss": output.training_loss, "eval_rougeL": rouge["rougeL"]}
+    rouge = metrics.rouge(texts, list(validation[recipe.data.target_column or "summary"]))
+    return {"train_seconds": train_seconds, "eval_seconds": eval_seconds, "train_loss": output.training_loss,
+            "eval_rougeL": rouge["rougeL"]}
 
 
 def main() -> None:
