@@ -31,8 +31,13 @@ def run_hftk(recipe: str, steps: int, output_dir: Path) -> dict:
 
 def run_trainer(recipe_path: str, steps: int, hftk_dir: Path, output_dir: Path) -> dict:
     import torch
-    from transformers import (AutoModelForSeq2SeqLM, AutoTokenizer, DataCollatorForSeq2Seq, Seq2SeqTrainer,
-                              Seq2SeqTrainingArguments)
+    from transformers import (
+        AutoModelForSeq2SeqLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Seq2SeqTrainer,
+        Seq2SeqTrainingArguments,
+    )
 
     from hftk import data, metrics, models
     from hftk.recipe import load_recipe

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import typer
 
@@ -44,7 +44,7 @@ def _guarded(action: Callable[[], object]) -> None:
 
 
 @app.command()
-def finetune(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg) -> None:
+def finetune(recipe: Path = RecipeArg, overrides: list[str] | None = OverridesArg) -> None:
     """Validate the recipe, prepare data, train, evaluate and save."""
     from hftk.recipe import load_recipe
 
@@ -59,11 +59,11 @@ def finetune(recipe: Path = RecipeArg, overrides: Optional[list[str]] = Override
 @app.command(name="eval")
 def evaluate(
     recipe: Path = RecipeArg,
-    overrides: Optional[list[str]] = OverridesArg,
-    model: Optional[str] = typer.Option(None, "--model", help="Saved model directory [default: train.output_dir]."),
+    overrides: list[str] | None = OverridesArg,
+    model: str | None = typer.Option(None, "--model", help="Saved model directory [default: train.output_dir]."),
     split: str = typer.Option("validation", "--split", help="validation, test or train."),
-    output_dir: Optional[str] = typer.Option(None, "--output-dir", help="Where results go [default: the model directory]."),
-    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Also sample a continuation of this text "
+    output_dir: str | None = typer.Option(None, "--output-dir", help="Where results go [default: the model directory]."),
+    prompt: list[str] | None = typer.Option(None, "--prompt", help="Also sample a continuation of this text "
                                                "into samples.jsonl (repeatable)."),
     temperature: float = typer.Option(0.8, "--temperature", min=0.01, help="Sampling temperature for --prompt."),
 ) -> None:
@@ -84,7 +84,7 @@ def evaluate(
 
 
 @app.command()
-def validate(recipe: Path = RecipeArg, overrides: Optional[list[str]] = OverridesArg) -> None:
+def validate(recipe: Path = RecipeArg, overrides: list[str] | None = OverridesArg) -> None:
     """Check the recipe, its files and columns and the model config without loading a model."""
     from hftk.recipe import load_recipe
 

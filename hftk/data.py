@@ -49,7 +49,7 @@ def _load_file(path: Path, where: str) -> datasets.Dataset:
         return datasets.Dataset.from_list(flatten_nested_squad(path))
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as err:  # the builders raise many types for a malformed file
+    except Exception as err:  # noqa: BLE001 - the builders raise many types for a malformed file
         raise UserError(f"{where}: cannot read {path}: {_reason(err)}") from None
 
 
@@ -60,7 +60,7 @@ def _load_hub(source: DataSource, where: str) -> datasets.Dataset:
         if "split" in str(err).lower():
             raise UserError(f"{where}: dataset '{source.path}' has no split '{source.split}': {_reason(err)}") from None
         raise UserError(f"{where}: cannot load dataset '{source.path}': {_reason(err)}") from None
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001 - offline, auth, missing repo: all mean "cannot load"
         raise UserError(
             f"{where}: '{source.path}' is not a local file and cannot be loaded from the Hugging Face Hub "
             f"({_reason(err)}); give a local .json/.jsonl/.csv/.parquet file"

@@ -71,7 +71,7 @@ def push_run(run_dir: Path, repo_id: str, private: bool, token: str | None, api:
             folder_path=str(run_dir), repo_id=repo_id, commit_message="Upload model trained with hftk",
             ignore_patterns=["checkpoint-*", ".checkpoint-*", "*.partial/*", "metrics.jsonl"],
         )
-    except Exception as err:  # network, auth and repo errors all end the same way for the user
+    except Exception as err:  # noqa: BLE001 - network, auth and repo errors end the same way for the user
         raise UserError(f"push to {repo_id} failed: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
     return str(url)
 

@@ -43,7 +43,7 @@ class TokenizerSection(Section):
     train: TokenizerTraining | None = None
 
     @model_validator(mode="after")
-    def _one_source(self) -> "TokenizerSection":
+    def _one_source(self) -> TokenizerSection:
         if self.name_or_path and self.train:
             raise ValueError("give either tokenizer.name_or_path or tokenizer.train, not both")
         return self
@@ -58,7 +58,7 @@ class ModelSection(Section):
     gradient_checkpointing: bool = False
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ModelSection":
+    def _one_source(self) -> ModelSection:
         if bool(self.name_or_path) == bool(self.config):
             raise ValueError("set exactly one of model.name_or_path (pretrained) or model.config (scratch)")
         if self.config is not None and "model_type" not in self.config:
@@ -134,7 +134,7 @@ class TrainSection(Section):
     ddp_timeout: int = Field(1800, ge=10, description="Seconds a collective may wait for a silent process.")
 
     @model_validator(mode="after")
-    def _rerun_mode(self) -> "TrainSection":
+    def _rerun_mode(self) -> TrainSection:
         if self.resume_from_checkpoint and self.overwrite_output_dir:
             raise ValueError("train.resume_from_checkpoint and train.overwrite_output_dir exclude each other")
         return self

@@ -74,5 +74,5 @@ def run_hftk(*args: str, cwd: Path = ROOT, env: dict | None = None, launcher: li
              timeout: int = 600) -> subprocess.CompletedProcess:
     """The real command in a fresh process, as a user types it."""
     command = (launcher or [sys.executable, "-m"]) + ["hftk", *args]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False,
                           env={**os.environ, **(env or {})})

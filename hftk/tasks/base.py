@@ -5,8 +5,9 @@ The loop, the data pipeline and evaluation call these methods and never branch o
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
 from hftk.recipe import DataSection
 

@@ -7,14 +7,20 @@ text to the last assistant reply. Evaluation generates the last reply from every
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from hftk import metrics
 from hftk.errors import UserError
 from hftk.recipe import DataSection
 from hftk.tasks.base import DECODER_ONLY
 from hftk.tasks.text_to_text import (
-    IGNORE_INDEX, TEXT_TO_TEXT_ENCODINGS, TextToTextCollator, decode_generated, encode_pairs, predict_by_generation,
+    IGNORE_INDEX,
+    TEXT_TO_TEXT_ENCODINGS,
+    TextToTextCollator,
+    decode_generated,
+    encode_pairs,
+    predict_by_generation,
 )
 
 ROLES = {"system", "user", "assistant"}

@@ -8,7 +8,8 @@ its example index and offsets, and the spans are chosen once all windows are in.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import datasets
 import torch

@@ -6,7 +6,8 @@ An unanswerable question (SQuAD v2) has an empty target, and is right when nothi
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from hftk import metrics
 from hftk.errors import UserError
@@ -14,7 +15,11 @@ from hftk.recipe import DataSection
 from hftk.tasks.base import DECODER_ONLY
 from hftk.tasks.squad_schema import answer_texts, check_answers, qa_columns
 from hftk.tasks.text_to_text import (
-    TEXT_TO_TEXT_ENCODINGS, TextToTextCollator, decode_generated, encode_pairs, predict_by_generation,
+    TEXT_TO_TEXT_ENCODINGS,
+    TextToTextCollator,
+    decode_generated,
+    encode_pairs,
+    predict_by_generation,
 )
 
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from hftk import metrics
 from hftk.errors import UserError
 from hftk.recipe import DataSection
 from hftk.tasks.text_to_text import (
-    TEXT_TO_TEXT_ENCODINGS, TextToTextCollator, decode_generated, encode_pairs, predict_by_generation,
+    TEXT_TO_TEXT_ENCODINGS,
+    TextToTextCollator,
+    decode_generated,
+    encode_pairs,
+    predict_by_generation,
 )
 
 # Decoder-only models see the document followed by this cue and continue with the summary.

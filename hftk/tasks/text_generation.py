@@ -3,7 +3,8 @@ data.max_source_length tokens; evaluation reports perplexity."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from hftk.errors import UserError
 from hftk.recipe import DataSection

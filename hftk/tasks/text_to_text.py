@@ -8,7 +8,8 @@ Two model families are served by the same functions:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -3,14 +3,19 @@ scored with sacreBLEU and chrF."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from hftk import metrics
 from hftk.errors import UserError
 from hftk.recipe import DataSection
 from hftk.tasks.base import DECODER_ONLY
 from hftk.tasks.text_to_text import (
-    TEXT_TO_TEXT_ENCODINGS, TextToTextCollator, decode_generated, encode_pairs, predict_by_generation,
+    TEXT_TO_TEXT_ENCODINGS,
+    TextToTextCollator,
+    decode_generated,
+    encode_pairs,
+    predict_by_generation,
 )
 
 LANGUAGE_NAMES = {"en": "English", "fr": "French", "de": "German", "ro": "Romanian", "es": "Spanish",

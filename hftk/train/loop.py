@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from accelerate import skip_first_batches
 
 from hftk.errors import Preempted, RunError
 from hftk.recipe import TrainSection
+from hftk.tracking import MetricsLog
 from hftk.train.objective import token_counts, token_loss_sums
 from hftk.train.preemption import StopFlag
 from hftk.train.state import TrainState
-from hftk.tracking import MetricsLog
 
 
 @dataclass

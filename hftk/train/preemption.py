@@ -16,7 +16,7 @@ class StopFlag:
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
 
-    def install(self) -> "StopFlag":
+    def install(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
             for sig in STOP_SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)

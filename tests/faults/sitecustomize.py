@@ -29,7 +29,7 @@ def _arm(spec: str) -> None:
         return wrapper
 
     if kind in ("step", "micro"):
-        import hftk.train.loop as loop
+        from hftk.train import loop
 
         name = "train_window" if kind == "step" else "token_loss_sums"
         setattr(loop, name, counting(getattr(loop, name)))

@@ -44,8 +44,8 @@ def _task(task, train, *extra):
 
 
 QA_FILE = str(ROOT / "data/qa/validation.jsonl")
-BAD_ANSWERS = lambda t: _rows(t, "qa", [{"question": "Who?", "context": "Ana spoke.", "answers": "Ana"}])  # noqa: E731
-NO_ROLES = lambda t: _rows(t, "chat", [{"messages": [{"speaker": "user", "text": "hi"}]}])  # noqa: E731
+BAD_ANSWERS = lambda t: _rows(t, "qa", [{"question": "Who?", "context": "Ana spoke.", "answers": "Ana"}])
+NO_ROLES = lambda t: _rows(t, "chat", [{"messages": [{"speaker": "user", "text": "hi"}]}])
 
 
 def _output_is_file(tmp_path):

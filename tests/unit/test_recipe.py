@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from hftk.errors import UserError
 from hftk.recipe import load_recipe, parse_overrides, validate_recipe
@@ -20,7 +21,7 @@ def test_valid_recipe_loads_into_frozen_typed_objects(tmp_path):
     recipe = load_recipe(write_recipe(tmp_path, tiny_recipe(tmp_path)), ["train.learning_rate=3e-4"])
     assert recipe.train.learning_rate == pytest.approx(3e-4)
     assert recipe.data.train.path.endswith("train.jsonl")
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError, match="frozen"):
         recipe.train.learning_rate = 1.0
 
 

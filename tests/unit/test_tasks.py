@@ -158,7 +158,7 @@ def test_nested_squad_file_flattens(tmp_path):
 def test_dialogue_loss_only_on_assistant_turns(tokenizers):
     task = get_task("dialogue")
     tok = task.prepare_tokenizer(tokenizers[DECODER_ONLY])
-    ids, labels = chat_tokens(tok, CHATS["messages"][0], last_turn_only=False)
+    _, labels = chat_tokens(tok, CHATS["messages"][0], last_turn_only=False)
     learned = tok.decode([t for t in labels if t != IGNORE_INDEX])
     assert learned == "Lima.</s>\nSantiago.</s>\n"
     _, last = chat_tokens(tok, CHATS["messages"][0], last_turn_only=True)
