@@ -34,6 +34,9 @@ def _guarded(action: Callable[[], object]) -> None:
     """Known endings (bad input 2, a run that cannot go on 1, preempted 75) print one line on stderr;
     anything else is a bug and keeps its traceback (exit 1)."""
     _offline_defaults()
+    from hftk.tracking import setup_logging
+
+    setup_logging(_is_main_process())  # before the checks, so their notes (e.g. repaired QA rows) show
     try:
         action()
     except HftkError as err:

@@ -127,8 +127,10 @@ def test_extractive_qa_repairs_rows_and_reports(caplog):
     rows = {"question": ["q1", "q2", "q3"], "context": ["abc def", "abc def", "abc def"],
             "answers": [{"text": ["def"], "answer_start": [0]}, {"text": ["xyz"], "answer_start": [0]},
                         {"text": [], "answer_start": []}]}
+    caplog.set_level("INFO", logger="hftk")
     fixed = get_task("extractive_qa").repair(datasets.Dataset.from_dict(rows), data(), "data.train")
     assert fixed["answers"] == [{"text": ["def"], "answer_start": [4]}, {"text": [], "answer_start": []}]
+    assert "data.train: repaired 1 answer_start offsets, dropped 1 answers" in caplog.text
 
 
 def test_answers_must_have_the_squad_shape():
