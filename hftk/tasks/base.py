@@ -26,7 +26,6 @@ class Encoding:
 
     family: str
     auto_class: str  # name of the transformers Auto class, e.g. "AutoModelForSeq2SeqLM"
-    generates: bool  # evaluation generates text (vs. reading spans or logits)
 
 
 class Task(Protocol):

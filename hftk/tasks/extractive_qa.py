@@ -31,7 +31,7 @@ class ExtractiveQA:
     name = "extractive_qa"
 
     def encodings(self):
-        return {ENCODER_ONLY: Encoding(ENCODER_ONLY, "AutoModelForQuestionAnswering", generates=False)}
+        return {ENCODER_ONLY: Encoding(ENCODER_ONLY, "AutoModelForQuestionAnswering")}
 
     def columns(self, data: DataSection) -> list[str]:
         cols = qa_columns(data)

@@ -16,7 +16,7 @@ class TextGeneration:
     name = "text_generation"
 
     def encodings(self):
-        return {DECODER_ONLY: Encoding(DECODER_ONLY, "AutoModelForCausalLM", generates=False)}
+        return {DECODER_ONLY: Encoding(DECODER_ONLY, "AutoModelForCausalLM")}
 
     @staticmethod
     def _column(data: DataSection) -> str:

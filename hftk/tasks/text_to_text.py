@@ -18,8 +18,8 @@ from hftk.tasks.base import DECODER_ONLY, ENCODER_DECODER, EXAMPLE_INDEX, Encodi
 IGNORE_INDEX = -100
 
 TEXT_TO_TEXT_ENCODINGS = {
-    ENCODER_DECODER: Encoding(ENCODER_DECODER, "AutoModelForSeq2SeqLM", generates=True),
-    DECODER_ONLY: Encoding(DECODER_ONLY, "AutoModelForCausalLM", generates=True),
+    ENCODER_DECODER: Encoding(ENCODER_DECODER, "AutoModelForSeq2SeqLM"),
+    DECODER_ONLY: Encoding(DECODER_ONLY, "AutoModelForCausalLM"),
 }
 
 
