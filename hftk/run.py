@@ -117,13 +117,17 @@ def decoder_inputs_for(model: Any) -> Any:
     return getattr(model, "prepare_decoder_input_ids_from_labels", None)
 
 
-def evaluate_split(plan: Plan, accelerator: Any, model: Any, tokenizer: Any, key: str) -> tuple[dict[str, float], list[dict]]:
+def eval_loader(plan: Plan, accelerator: Any, model: Any, tokenizer: Any, features: datasets.Dataset) -> Any:
+    """Prepared once per run: every prepare() call adds a loader Accelerate keeps for good."""
+    collator = plan.task.collator(tokenizer, plan.encoding.family, decoder_inputs_for(accelerator.unwrap_model(model)))
+    return accelerator.prepare(make_loader(features, collator, plan.recipe.eval.per_device_eval_batch_size, shuffle=False))
+
+
+def evaluate_split(plan: Plan, accelerator: Any, model: Any, tokenizer: Any, key: str,
+                   loader: Any) -> tuple[dict[str, float], list[dict]]:
     from hftk.train.evaluation import run_evaluation
 
     recipe, task = plan.recipe, plan.task
-    features = tokenized(plan, accelerator, tokenizer, key, training=False)
-    collator = task.collator(tokenizer, plan.encoding.family, decoder_inputs_for(accelerator.unwrap_model(model)))
-    loader = accelerator.prepare(make_loader(features, collator, recipe.eval.per_device_eval_batch_size, shuffle=False))
     raw = plan.splits[key]
     rows = raw[:]
     loss, by_index = run_evaluation(accelerator, model, loader, tokenizer, task, plan.encoding.family, recipe.eval,
@@ -161,16 +165,16 @@ def finetune(recipe: Recipe) -> dict[str, Any]:
     tokenizer = build_tokenizer(plan, accelerator)
     # Tokenize before anything is written: rows that cannot be encoded are bad input too.
     train_features = tokenized(plan, accelerator, tokenizer, "train", training=True)
-    if "validation" in plan.splits:
-        tokenized(plan, accelerator, tokenizer, "validation", training=False)  # cached for evaluation
+    validation_features = (tokenized(plan, accelerator, tokenizer, "validation", training=False)
+                           if "validation" in plan.splits else None)
     start_output_dir(accelerator, recipe)
-    parts = setup_training(plan, accelerator, strategy, tokenizer, train_features)
+    parts, evaluate = setup_training(plan, accelerator, strategy, tokenizer, train_features, validation_features)
     log.info(f"training {parts.total_steps} optimizer steps on {accelerator.num_processes} process(es)")
     try:
         train_results = train(parts, recipe.train, lambda: _latest(recipe.train.output_dir))
     finally:
         parts.stop.uninstall()
-    return finish(plan, parts, strategy, tokenizer, train_results)
+    return finish(plan, parts, strategy, tokenizer, train_results, evaluate)
 
 
 def start_output_dir(accelerator: Any, recipe: Recipe) -> None:
@@ -188,8 +192,10 @@ def _latest(output_dir: str) -> str | None:
     return str(latest) if latest else None
 
 
-def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, train_features: Any):
-    """Model, optimizer, loader and schedule, prepared for the strategy and restored on resume."""
+def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, train_features: Any,
+                   validation_features: Any):
+    """Model, optimizer, loaders and schedule, prepared for the strategy and restored on resume.
+    Returns the loop's parts and the validation evaluation (results, prediction rows), or None."""
     from hftk.train.loop import LoopParts
     from hftk.train.optim import build_optimizer, build_scheduler, total_optimizer_steps
     from hftk.train.preemption import StopFlag
@@ -218,19 +224,25 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, 
     else:
         metrics_log.truncate_after(0)  # a fresh start (also "latest" with nothing saved yet)
 
-    def run_eval() -> dict[str, float]:
-        return evaluate_split(plan, accelerator, model, tokenizer, "validation")[0]
+    evaluate = None
+    if validation_features is not None:
+        validation = eval_loader(plan, accelerator, model, tokenizer, validation_features)
+
+        def evaluate() -> tuple[dict[str, float], list[dict]]:
+            return evaluate_split(plan, accelerator, model, tokenizer, "validation", validation)
 
     def save() -> str:
         return str(checkpoint.save_checkpoint(
             accelerator, output_dir, state.optimizer_step, recipe.dump_yaml(), settings.save_total_limit,
             lambda folder: strategy.save_extra(accelerator, folder, model, optimizer)))
 
-    return LoopParts(accelerator, model, optimizer, scheduler, loader, plan.encoding.family, total_steps, state,
-                     metrics_log, run_eval if "validation" in plan.splits else None, save, StopFlag().install())
+    parts = LoopParts(accelerator, model, optimizer, scheduler, loader, plan.encoding.family, total_steps, state,
+                      metrics_log, evaluate and (lambda: evaluate()[0]), save, StopFlag().install())
+    return parts, evaluate
 
 
-def finish(plan: Plan, parts: Any, strategy: Any, tokenizer: Any, train_results: dict) -> dict[str, Any]:
+def finish(plan: Plan, parts: Any, strategy: Any, tokenizer: Any, train_results: dict,
+           evaluate: Any) -> dict[str, Any]:
     """The final checkpoint, the whole model, the last evaluation, results and the model card."""
     recipe, accelerator, model = plan.recipe, parts.accelerator, parts.model
     output_dir = Path(recipe.train.output_dir)
@@ -242,8 +254,8 @@ def finish(plan: Plan, parts: Any, strategy: Any, tokenizer: Any, train_results:
         raise RunError(f"cannot write the final model in {output_dir}: {err.strerror or err}; "
                        f"the final checkpoint is complete") from None
     results = dict(train_results)
-    if "validation" in plan.splits:
-        eval_results, rows = evaluate_split(plan, accelerator, model, tokenizer, "validation")
+    if evaluate is not None:
+        eval_results, rows = evaluate()
         results.update(eval_results)
         parts.metrics_log.write({"step": parts.state.optimizer_step, **eval_results})
         if accelerator.is_main_process:
@@ -299,7 +311,8 @@ def evaluate_saved(recipe: Recipe, model_dir: str | None, split: str, output_dir
     tokenizer = with_pad_token(transformers.AutoTokenizer.from_pretrained(model_dir))
     model = getattr(transformers, plan.encoding.auto_class).from_pretrained(model_dir)
     model = accelerator.prepare(model)
-    results, rows = evaluate_split(plan, accelerator, model, tokenizer, split)
+    loader = eval_loader(plan, accelerator, model, tokenizer, tokenized(plan, accelerator, tokenizer, split, False))
+    results, rows = evaluate_split(plan, accelerator, model, tokenizer, split, loader)
     target = Path(output_dir or model_dir)
     if accelerator.is_main_process:
         target.mkdir(parents=True, exist_ok=True)

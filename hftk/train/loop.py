@@ -17,6 +17,7 @@ from accelerate import skip_first_batches
 
 from hftk.errors import Preempted, RunError
 from hftk.recipe import TrainSection
+from hftk.tasks.text_to_text import IGNORE_INDEX
 from hftk.tracking import MetricsLog
 from hftk.train.objective import token_counts, token_loss_sums
 from hftk.train.preemption import StopFlag
@@ -89,7 +90,7 @@ def train_window(parts: LoopParts, window: list[dict[str, torch.Tensor]], max_gr
 def batch_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     tokens = batch["attention_mask"].sum()
     if "decoder_input_ids" in batch:
-        tokens = tokens + (batch["labels"] != -100).sum()
+        tokens = tokens + (batch["labels"] != IGNORE_INDEX).sum()
     return tokens
 
 

@@ -21,7 +21,10 @@ def _train(tmp_path, name, *overrides, env=None, **sections):
 def test_overwrite_starts_afresh_and_save_total_limit_prunes(tmp_path):
     run = tmp_path / "run"
     secret = "hf_secretTOKENvalue1234567890"
-    _train(tmp_path, "a", train={"max_steps": 6, "save_steps": 2, "save_total_limit": 2}, env={"HF_TOKEN": secret})
+    _train(tmp_path, "a", train={"max_steps": 6, "save_steps": 2, "save_total_limit": 2, "eval_steps": 2},
+           env={"HF_TOKEN": secret})
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_loss" in r] == [2, 4, 6]  # every eval_steps, then the final one
     for path in run.rglob("*"):  # a Hub token in the environment never reaches the disk
         assert not path.is_file() or secret.encode() not in path.read_bytes(), path
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
