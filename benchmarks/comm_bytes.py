@@ -18,8 +18,8 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from hftk import comm_hooks, models
+from hftk.prepare import build_tokenizer, make_accelerator, make_loader, plan_inputs, tokenized
 from hftk.recipe import ParallelSection, load_recipe
-from hftk.run import build_tokenizer, make_accelerator, make_loader, plan_inputs, tokenized
 from hftk.train.loop import LoopParts, train_window
 from hftk.train.optim import build_optimizer, build_scheduler
 from hftk.train.preemption import StopFlag
@@ -54,7 +54,7 @@ def measure(recipe_path: str, hook: str) -> dict:
     model = models.build_model(recipe.model, plan.config, plan.encoding, tokenizer)
     features = tokenized(plan, accelerator, tokenizer, "train", training=True)
     collator = plan.task.collator(tokenizer, plan.encoding.family, model.prepare_decoder_input_ids_from_labels)
-    loader = make_loader(features, collator, recipe.train.per_device_train_batch_size, True)
+    loader = make_loader(features, collator, recipe.train.per_device_train_batch_size, True, recipe.train.seed)
     model, optimizer, loader = accelerator.prepare(model, build_optimizer(model, recipe.train), loader)
     settings = ParallelSection(comm_hook=hook if hook != "none" else "none", powersgd_start_iter=POWERSGD_START)
     if hook == "none":

@@ -40,8 +40,8 @@ def run_trainer(recipe_path: str, steps: int, hftk_dir: Path, output_dir: Path) 
     )
 
     from hftk import data, metrics, models
+    from hftk.prepare import plan_inputs
     from hftk.recipe import load_recipe
-    from hftk.run import plan_inputs
 
     recipe = load_recipe(recipe_path)
     plan = plan_inputs(recipe, ["train", "validation"])

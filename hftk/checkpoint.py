@@ -21,7 +21,6 @@ from hftk.errors import RunError, UserError
 
 MANIFEST = "hftk_checkpoint.json"
 PREFIX = "checkpoint-"
-FINISHED_MARKERS = ("all_results.json", "config.json", "model.safetensors", "adapter_config.json")
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -48,31 +47,73 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def holds_previous_run(output_dir: Path) -> bool:
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return False
-    return any((output_dir / m).exists() for m in FINISHED_MARKERS) or any(
-        p.name.startswith(PREFIX) for p in output_dir.iterdir()
-    )
+def damage(folder: Path) -> str | None:
+    """Why a complete checkpoint can no longer be read (a file gone or cut short), or None."""
+    manifest = read_manifest(folder) or {}
+    sizes = manifest.get("files")
+    if sizes is None:  # written before sizes were recorded: read the safetensors headers instead
+        return _safetensors_damage(folder)
+    for name, size in sizes.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size:
+            return f"{name} is {path.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def _safetensors_damage(folder: Path) -> str | None:
+    from safetensors import safe_open
+
+    for path in sorted(folder.rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt") as handle:
+                handle.keys()
+        except (OSError, SafetensorError) as err:
+            return f"{path.relative_to(folder)} cannot be read ({str(err).splitlines()[0][:120]})"
+    return None
 
 
 def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
-    """The checkpoint to resume from: None (fresh start), "latest" or a checkpoint folder."""
+    """The checkpoint to resume from: None (fresh start), "latest" (the newest intact one) or a folder."""
     if not resume:
         return None
     if resume == "latest":
-        return latest_checkpoint(output_dir)  # None: nothing saved yet, start from the beginning
+        return _latest_intact(Path(output_dir))
     folder = Path(resume)
     if not folder.is_dir():
         raise UserError(f"train.resume_from_checkpoint: no such checkpoint folder: {resume}")
     if read_manifest(folder) is None:
         raise UserError(f"train.resume_from_checkpoint: {resume} is not a complete hftk checkpoint (no complete {MANIFEST})")
+    problem = damage(folder)
+    if problem:
+        raise UserError(f"train.resume_from_checkpoint: {resume} is damaged: {problem}")
     return folder
 
 
+def _latest_intact(output_dir: Path) -> Path | None:
+    """The newest checkpoint whose files are whole; a damaged newer one is named and passed over."""
+    from hftk.tracking import log
+
+    found = complete_checkpoints(output_dir)
+    damaged = []
+    for _, folder in reversed(found):
+        problem = damage(folder)
+        if problem is None:
+            if damaged:
+                log.warning(f"{damaged[0][0].name} is damaged ({damaged[0][1]}); resuming from {folder.name}, "
+                            f"the newest intact checkpoint")
+            return folder
+        damaged.append((folder, problem))
+    if damaged:
+        raise UserError(f"train.resume_from_checkpoint: every checkpoint in {output_dir} is damaged "
+                        f"({damaged[0][0].name}: {damaged[0][1]}); start afresh with train.overwrite_output_dir=true")
+    return None  # nothing saved yet: start from the beginning
+
+
 def save_checkpoint(accelerator: Any, output_dir: Path, optimizer_step: int, recipe_yaml: str,
-                    save_total_limit: int | None, save_extra: Callable[[Path], None] | None = None) -> Path:
+                    save_total_limit: int | None, save_extra: Callable[[Path], None] | None = None,
+                    data_digest: str | None = None) -> Path:
     output_dir = Path(output_dir)
     final = output_dir / f"{PREFIX}{optimizer_step}"
     partial = output_dir / f".{PREFIX}{optimizer_step}.partial"
@@ -89,7 +130,8 @@ def save_checkpoint(accelerator: Any, output_dir: Path, optimizer_step: int, rec
             (partial / "recipe.yaml").write_text(recipe_yaml)
             manifest = {"complete": True, "optimizer_step": optimizer_step, "saved_at": time.time(),
                         "write_seconds": round(time.perf_counter() - started, 3),
-                        "num_processes": accelerator.num_processes, "versions": library_versions()}
+                        "num_processes": accelerator.num_processes, "versions": library_versions(),
+                        "train_data": data_digest, "files": _file_sizes(partial)}
             _write_synced(partial / MANIFEST, json.dumps(manifest, indent=2))
             if final.exists():  # a rerun that reached the same step again
                 shutil.rmtree(final)
@@ -101,6 +143,11 @@ def save_checkpoint(accelerator: Any, output_dir: Path, optimizer_step: int, rec
         raise RunError(f"cannot write {final.name} in {output_dir}: {reason}; earlier checkpoints are intact") from None
     accelerator.wait_for_everyone()
     return final
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    """What a resume checks, so a checkpoint cut short later (a copy, a full disk) is not trusted."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def check_writable(output_dir: Path) -> None:
@@ -121,6 +168,7 @@ def check_writable(output_dir: Path) -> None:
 FREE_ON_RESUME = (
     "train.output_dir", "train.logging_steps", "train.eval_steps", "train.save_steps", "train.save_total_limit",
     "train.resume_from_checkpoint", "train.overwrite_output_dir", "train.dataloader_num_workers",
+    "data.train",  # where the rows live may change; the rows themselves are compared by digest
     "data.validation", "data.test", "data.max_eval_samples", "data.preprocessing_num_workers", "eval",
 )
 
@@ -134,7 +182,7 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def check_compatible(folder: Path, recipe: Any) -> None:
+def check_compatible(folder: Path, recipe: Any, data_digest: str | None = None) -> None:
     """A resumed run must be the same run: refuse training settings that differ from the checkpoint's."""
     import yaml
 
@@ -149,6 +197,10 @@ def check_compatible(folder: Path, recipe: Any) -> None:
         raise UserError(f"train.resume_from_checkpoint: {folder} was saved with other training settings: {changes}; "
                         f"resume with the same settings or start afresh")
     manifest = read_manifest(folder) or {}
+    saved_digest = manifest.get("train_data")
+    if saved_digest and data_digest and saved_digest != data_digest:
+        raise UserError(f"train.resume_from_checkpoint: the rows of data.train ({recipe.data.train.path}) differ from "
+                        f"those {folder.name} was trained on; resume with the same data or start afresh")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if manifest.get("num_processes", launched) != launched:
         raise UserError(f"train.resume_from_checkpoint: {folder} was saved by {manifest['num_processes']} processes, "
@@ -179,3 +231,18 @@ def library_versions() -> dict[str, str]:
 
     return {"hftk": hftk.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "accelerate": accelerate.__version__, "datasets": datasets.__version__}
+
+
+def train_data_digest(source: Any, dataset: Any) -> str:
+    """What the training rows were: a local file's bytes (wherever it was copied to), or the Hub
+    dataset's fingerprint (which follows its revision)."""
+    import hashlib
+
+    path = Path(source.path).expanduser()
+    if not path.is_file():
+        return str(dataset._fingerprint)
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

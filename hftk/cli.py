@@ -74,11 +74,12 @@ def evaluate(
     from hftk.recipe import load_recipe
 
     def action():
-        from hftk.run import evaluate_saved
+        from hftk.evaluate import evaluate_saved
 
         if split not in {"train", "validation", "test"}:
             raise UserError(f"--split must be train, validation or test, not '{split}'")
-        results = evaluate_saved(load_recipe(recipe, overrides), model, split, output_dir, prompt, temperature)
+        results = evaluate_saved(load_recipe(recipe, overrides), _expand_home(model), split,
+                                 _expand_home(output_dir), prompt, temperature)
         if _is_main_process():
             for key, value in results.items():
                 typer.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
@@ -119,5 +120,36 @@ def push(
     _guarded(action)
 
 
+def _expand_home(path: str | None) -> str | None:
+    # the shell leaves `--model=~/run` alone; the recipe's own paths are expanded the same way
+    return os.path.expanduser(path) if path else path
+
+
 def main() -> None:
-    app(prog_name="hftk")
+    """Usage errors (a missing argument, an unknown option, a bad option value) end like any other bad
+    input: one line on stderr and exit 2, instead of click's framed usage box."""
+    try:
+        status = app(prog_name="hftk", standalone_mode=False)
+    except _usage_errors() as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # plain `hftk` prints the help, as before
+            if err.format_message().strip():  # unless rich has printed it already
+                print(err.format_message(), file=sys.stderr)
+        elif _is_main_process():
+            print(f"hftk: error: {' '.join(err.format_message().split())}", file=sys.stderr)
+        status = err.exit_code
+    except typer.Abort:  # end of input at a prompt
+        print("Aborted!", file=sys.stderr)
+        status = 1
+    sys.exit(status if isinstance(status, int) else 0)
+
+
+def _usage_errors() -> tuple[type[Exception], ...]:
+    # typer 0.2x raises its own copy of click's exceptions; older releases raise click's
+    classes: list[type[Exception]] = [typer.TyperException] if hasattr(typer, "TyperException") else []
+    try:
+        import click
+
+        classes.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(classes)

@@ -5,18 +5,25 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import json
+import os
 from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from hftk.errors import UserError
 from hftk.recipe import DataSection, DataSource
 from hftk.tasks.base import EXAMPLE_INDEX, Task
 from hftk.tasks.squad_schema import flatten_nested_squad, is_nested_squad
+from hftk.tracking import log
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-ROWS_CHECKED = 100
+# What the row check writes for each row.
+PROBLEM, HAS_SOURCE = "problem", "has_source"
+VERDICT_FEATURES = datasets.Features({PROBLEM: datasets.Value("string"), HAS_SOURCE: datasets.Value("bool")})
 
 
 def is_local(source: DataSource) -> bool:
@@ -72,15 +79,116 @@ def _reason(err: BaseException) -> str:
     return (lines[0] if lines else type(err).__name__)[:300]
 
 
-def check_split(dataset: datasets.Dataset, task: Task, data: DataSection, key: str) -> None:
+def check_split(dataset: datasets.Dataset, task: Task, data: DataSection, key: str) -> datasets.Dataset:
+    """Every row is checked: bad rows stop the run with their count and the first one, or, with
+    data.drop_bad_rows, are dropped and counted. Returns the rows to use."""
     where = f"data.{key}"
+    _check_columns(dataset, task, data, where)
+    verdicts = row_verdicts(dataset, task, data)
+    problems = verdicts.column(PROBLEM)
+    if problems.null_count < len(problems):
+        dataset = _without_bad_rows(dataset, problems, data, where)
+    if not pc.any(pc.and_kleene(pc.is_null(problems), verdicts.column(HAS_SOURCE))).as_py():
+        raise UserError(f"{where}: every {task.source_label(data)} is empty or blank ({len(dataset)} rows): "
+                        f"there is no text to learn from")
+    return dataset
+
+
+def _check_columns(dataset: datasets.Dataset, task: Task, data: DataSection, where: str) -> None:
     missing = [c for c in task.columns(data) if c not in dataset.column_names]
     if missing:
         raise UserError(
             f"{where}: missing column{'s' if len(missing) > 1 else ''} {', '.join(repr(m) for m in missing)} "
             f"(columns are: {', '.join(dataset.column_names)})"
         )
-    task.check_rows(dataset[:ROWS_CHECKED], data, where)
+
+
+def row_verdicts(dataset: datasets.Dataset, task: Task, data: DataSection) -> pa.Table:
+    return judge_rows(dataset, task, data).with_format("arrow")[:]
+
+
+def judge_rows(dataset: datasets.Dataset, task: Task, data: DataSection) -> datasets.Dataset:
+    """One row per raw row: its problem (null when good) and whether it has source text. A batched,
+    cached map over the task's columns; the code fingerprint keeps a stale verdict from being reused."""
+    columns = dataset.select_columns(task.columns(data))
+    workers = data.preprocessing_num_workers
+    return columns.map(
+        _judge_rows,
+        batched=True,
+        remove_columns=columns.column_names,
+        features=VERDICT_FEATURES,
+        fn_kwargs={"task": task, "data": data, "code": preprocessing_code_fingerprint()},
+        num_proc=min(workers, len(columns)) if workers else None,
+        desc="checking rows",
+    )
+
+
+def _judge_rows(rows: dict[str, list[Any]], task: Task, data: DataSection, code: str) -> dict[str, list[Any]]:
+    return {PROBLEM: task.row_problems(rows, data), HAS_SOURCE: task.has_source(rows, data)}
+
+
+def _without_bad_rows(dataset: datasets.Dataset, problems: pa.ChunkedArray, data: DataSection,
+                      where: str) -> datasets.Dataset:
+    """Refuses the split unless data.drop_bad_rows lets the bad rows go and some good ones are left."""
+    total = len(problems)
+    bad = total - problems.null_count
+    first = pc.index(pc.is_valid(problems), True).as_py()  # counted from 0, as dataset[i] counts
+    first_problem = f"first at row {first}: {problems[first].as_py()}"
+    if bad == total:
+        leaves = " (data.drop_bad_rows would leave no row)" if data.drop_bad_rows else ""
+        raise UserError(f"{where}: {bad} of {total} rows are bad; {first_problem}{leaves}")
+    if not data.drop_bad_rows:
+        raise UserError(f"{where}: {bad} of {total} rows are bad; {first_problem} "
+                        f"(set data.drop_bad_rows=true to skip them)")
+    log.info(f"{where}: dropped {bad} bad rows of {total} ({first_problem})")
+    return dataset.select(pc.indices_nonzero(pc.is_null(problems)).to_numpy())
+
+
+def check_json_tail(dataset: datasets.Dataset, path: Path, columns: list[str], where: str) -> None:
+    """datasets reads JSON lines in 10 MB chunks. When a later chunk mixes text with numbers, lists or
+    objects in one column, it keeps that column's text as JSON (quotes included) from there to the end
+    of the file, silently. The file's last row then differs from the last row loaded."""
+    raw = _last_json_row(path)
+    if raw is None:
+        return
+    loaded = dataset[len(dataset) - 1]
+    for column in columns:
+        value = raw.get(column)
+        if column in loaded and isinstance(value, str | int | float | bool) and loaded[column] != value:
+            raise UserError(
+                f"{where}: column '{column}' holds text in some rows and numbers, lists or objects in others; "
+                f"{path} is too large for datasets to load such a column row by row (it turns the values into "
+                f"JSON text), so make every '{column}' a string"
+            )
+
+
+def _last_json_row(path: Path) -> dict[str, Any] | None:
+    if path.suffix not in {".json", ".jsonl"} or is_nested_squad(path):
+        return None
+    line = _last_line(path)
+    try:
+        row = json.loads(line) if line else None
+    except ValueError:  # a JSON array file, or a last line datasets could not have read either
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def _last_line(path: Path, limit: int = 16 << 20) -> bytes | None:
+    """The last non-blank line; None when it is longer than `limit` (a JSON array on one line)."""
+    with path.open("rb") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        span = 1 << 16
+        while True:
+            start = max(size - span, 0)
+            handle.seek(start)
+            text = handle.read(size - start).rstrip()
+            if b"\n" in text:
+                return text.rsplit(b"\n", 1)[1]
+            if start == 0:
+                return text
+            if span >= limit:
+                return None
+            span *= 4  # grows, so a long line is read in a few passes, not one per block
 
 
 @contextlib.contextmanager
@@ -106,7 +214,9 @@ def _load_all(task: Task, data: DataSection, keys: list[str]):
         if source is None:
             continue
         dataset = load_split(source, key)
-        check_split(dataset, task, data, key)
+        if is_local(source):
+            check_json_tail(dataset, Path(source.path), task.columns(data), f"data.{key}")
+        dataset = check_split(dataset, task, data, key)
         if hasattr(task, "repair"):  # tasks whose real-world data needs mending (QA answer offsets)
             dataset = task.repair(dataset, data, f"data.{key}")
         limit = data.max_train_samples if key == "train" else data.max_eval_samples
@@ -135,12 +245,21 @@ def _encode(rows: dict[str, list[Any]], indices: list[int], task: Task, tokenize
 
 
 def tokenize(dataset: datasets.Dataset, task: Task, tokenizer: Any, data: DataSection, family: str,
-             training: bool) -> datasets.Dataset:
+             training: bool, split: str | None = None) -> datasets.Dataset:
     """datasets caches the result under a fingerprint of the function and its arguments, so a change of
     tokenizer, lengths, columns or family makes a new cache entry instead of reusing a stale one.
     Quiet: a row that cannot be encoded is bad input, reported as one line."""
     with quiet_datasets():
-        return _map(dataset, task, tokenizer, data, family, training)
+        features = _map(dataset, task, tokenizer, data, family, training)
+    if len(features) == 0:
+        raise UserError(_nothing_to_learn(split or ("train" if training else "validation"), len(dataset), data))
+    return features
+
+
+def _nothing_to_learn(split: str, rows: int, data: DataSection) -> str:
+    """Only text_generation can get here: it keeps whole blocks of max_source_length tokens."""
+    return (f"data.{split}: its {rows} rows tokenize to less than one block of data.max_source_length="
+            f"{data.max_source_length} tokens; lower data.max_source_length or give more text")
 
 
 def _map(dataset: datasets.Dataset, task: Task, tokenizer: Any, data: DataSection, family: str,

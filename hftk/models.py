@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
+import json
+import math
+import re
 from pathlib import Path
 from typing import Any
 
 import transformers
+from huggingface_hub import errors as hub_errors
 from transformers import AutoConfig, PretrainedConfig
 
 from hftk.errors import UserError
 from hftk.recipe import ModelSection
 from hftk.tasks.base import DECODER_ONLY, ENCODER_DECODER, ENCODER_ONLY, Encoding, Task
+
+# What reading or making a config raises for bad input: a missing or unreadable file, an unknown model
+# type, and huggingface_hub's strict-dataclass errors for a field of the wrong type or an impossible value.
+CONFIG_ERRORS = (OSError, ValueError, TypeError, KeyError, getattr(hub_errors, "StrictDataclassError", ValueError))
 
 
 def family_of(config: PretrainedConfig) -> str:
@@ -40,32 +49,137 @@ def resolve_config(model: ModelSection) -> PretrainedConfig:
     if local.exists() and not (local / "config.json").is_file():
         raise UserError(f"model.name_or_path: {name} has no config.json (not a saved model directory)")
     try:
-        return AutoConfig.from_pretrained(
+        config = AutoConfig.from_pretrained(
             str(local) if local.exists() else name,
             trust_remote_code=model.trust_remote_code, revision=model.revision,
         )
-    except (OSError, ValueError) as err:
-        if local.exists():
-            raise UserError(f"model.name_or_path: cannot read the config in {name}: {_first_line(err)}") from None
-        raise UserError(
-            f"model.name_or_path: '{name}' is not a local directory and cannot be fetched from the "
-            f"Hugging Face Hub ({_first_line(err)}); give the path of a saved model directory, "
-            f"or model.config for a scratch model"
-        ) from None
+    except CONFIG_ERRORS as err:
+        raise _unreadable_config(name, local.exists(), err) from None
+    if local.is_dir():
+        check_weights(local)
+    return config
+
+
+def _unreadable_config(name: str, is_local: bool, err: Exception) -> UserError:
+    if "trust_remote_code" in str(err):
+        return UserError(
+            f"model.name_or_path: {name} ships its own model code (auto_map in its config.json); set "
+            f"model.trust_remote_code=true to run that code, if you trust where it came from"
+        )
+    if is_local:
+        return UserError(f"model.name_or_path: cannot read the config in {name}: {_reason(err)}")
+    return UserError(
+        f"model.name_or_path: '{name}' is not a local directory and cannot be fetched from the "
+        f"Hugging Face Hub ({_first_line(err)}); give the path of a saved model directory, "
+        f"or model.config for a scratch model"
+    )
+
+
+# The files from_pretrained looks for in a local folder, in the order it prefers them.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_weights(folder: Path) -> None:
+    """An empty, truncated or half-copied model folder is bad input now, not a traceback once the
+    run has started writing. Reads file headers only."""
+    found = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+    if found is None:
+        raise UserError(f"model.name_or_path: {folder} holds no weights (none of {', '.join(WEIGHT_FILES)})")
+    for weights in _shards(found) if found.name.endswith(".index.json") else [found]:
+        problem = _weights_problem(weights)
+        if problem:
+            raise UserError(f"model.name_or_path: {weights} {problem}")
+
+
+def _shards(index: Path) -> list[Path]:
+    try:
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise UserError(f"model.name_or_path: {index} is not a readable shard index ({_reason(err)})") from None
+    if not names:
+        raise UserError(f"model.name_or_path: {index} names no shards")
+    missing = [name for name in names if not (index.parent / name).is_file()]
+    if missing:
+        listed = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise UserError(f"model.name_or_path: {index} names shards that are not there: {listed}")
+    return [index.parent / name for name in names]
+
+
+def _weights_problem(path: Path) -> str | None:
+    size = path.stat().st_size
+    if size == 0:
+        return "is empty"
+    if path.suffix != ".safetensors":
+        return None  # a pickle has no header to check; non-empty is all we can say cheaply
+    expected = _safetensors_size(path)
+    if expected is None:
+        return "is not a safetensors file (its header cannot be read)"
+    if expected > size:
+        return f"is truncated: the file has {size} bytes, its header needs at least {expected}"
+    if expected < size:
+        return f"is damaged: {size - expected} bytes follow the data its header describes"
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy"):
+            return None
+    except (SafetensorError, OSError) as err:  # overlapping offsets, bad dtypes and the like
+        return f"is not a readable safetensors file ({_reason(err)})"
+
+
+MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors format's own limit
+
+
+def _safetensors_size(path: Path) -> int | None:
+    """The file size a safetensors header promises: 8 length bytes, the JSON header, the data."""
+    try:
+        with path.open("rb") as file:
+            header_length = int.from_bytes(file.read(8), "little")
+            if header_length > MAX_SAFETENSORS_HEADER:
+                return None  # not a safetensors file at all
+            if 8 + header_length > path.stat().st_size:
+                return 8 + header_length  # cut inside the header: the data alone would make it longer
+            header = json.loads(file.read(header_length))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None
+    return 8 + header_length + max(ends, default=0)
+
+
+# Config fields that count something; a value below 1 fails only deep inside model code.
+SIZE_FIELD = re.compile(r"size|dim|layer|head|vocab|position|^d_|^n_")
+# Layer counts past any published model; the check below builds every layer (on the meta device, ~1 ms each).
+LAYER_COUNT = re.compile(r"^(num_.*layers|n_layers?|.*_layers)$")
+MAX_LAYERS = 1024
 
 
 def scratch_config(fields: dict[str, Any]) -> PretrainedConfig:
     fields = dict(fields)
     model_type = fields.pop("model_type")
+    default = _default_config(model_type)
+    _reject_unknown_fields(model_type, default, fields)
+    _reject_impossible_values(default, fields)
     try:
-        default = AutoConfig.for_model(model_type)
-    except ValueError:
+        config = AutoConfig.for_model(model_type, **fields)
+    except CONFIG_ERRORS as err:
+        raise UserError(f"model.config: {_reason(err)}") from None
+    check_buildable(config)
+    return config
+
+
+def _default_config(model_type: Any) -> PretrainedConfig:
+    try:
+        return AutoConfig.for_model(model_type)
+    except CONFIG_ERRORS:
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
         hint = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING_NAMES), n=1, cutoff=0.5)
         raise UserError(
             f"model.config.model_type: unknown model type '{model_type}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
         ) from None
+
+
+def _reject_unknown_fields(model_type: str, default: PretrainedConfig, fields: dict[str, Any]) -> None:
     # transformers accepts any keyword silently; a typo here would quietly build another model.
     known = set(default.to_dict()) | set(getattr(default, "attribute_map", {}))
     unknown = [k for k in fields if k not in known]
@@ -73,7 +187,43 @@ def scratch_config(fields: dict[str, Any]) -> PretrainedConfig:
         hints = [difflib.get_close_matches(k, sorted(known), n=1) for k in unknown]
         described = [f"'model.config.{k}'" + (f" (did you mean 'model.config.{h[0]}'?)" if h else "") for k, h in zip(unknown, hints)]
         raise UserError(f"unknown {model_type} config field {', '.join(described)}")
-    return AutoConfig.for_model(model_type, **fields)
+
+
+def _reject_impossible_values(default: PretrainedConfig, fields: dict[str, Any]) -> None:
+    for key, value in fields.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"model.config.{key}: must be a finite number, not {value}")
+        if not isinstance(value, int) or isinstance(value, bool):
+            continue
+        if value <= 0 and _counts_something(default, key):
+            raise UserError(f"model.config.{key}: must be at least 1, not {value}")
+        if value > MAX_LAYERS and LAYER_COUNT.match(key):
+            raise UserError(f"model.config.{key}: at most {MAX_LAYERS} layers, not {value}")
+
+
+def _counts_something(default: PretrainedConfig, key: str) -> bool:
+    fallback = getattr(default, key, None)
+    sentinel = isinstance(fallback, int) and fallback <= 0  # e.g. -1 for "off", as the family's own default
+    return bool(SIZE_FIELD.search(key)) and not sentinel
+
+
+def check_buildable(config: PretrainedConfig) -> None:
+    """Build the model on the meta device (no memory, no weights): a width that the head count does not
+    divide, an unknown activation and the like fail here, before anything is written."""
+    import torch
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    heads, groups = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    if isinstance(heads, int) and isinstance(groups, int) and groups > 0 and heads % groups:
+        # builds fine, then fails in the first forward pass
+        raise UserError(f"model.config: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({groups})")
+    if config.model_type not in MODEL_MAPPING_NAMES:
+        return
+    try:
+        with torch.device("meta"):
+            transformers.AutoModel.from_config(copy.deepcopy(config))
+    except Exception as err:  # noqa: BLE001 - model code raises any type for a config it cannot build
+        raise UserError(f"model.config: cannot build a {config.model_type} model from these fields: {_reason(err)}") from None
 
 
 def pick_encoding(task: Task, config: PretrainedConfig) -> Encoding:
@@ -133,3 +283,14 @@ def build_model(model: ModelSection, config: PretrainedConfig, encoding: Encodin
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
+
+
+def _reason(err: BaseException) -> str:
+    """The line that says what is wrong: huggingface_hub's validation errors put it last, after a preamble."""
+    if isinstance(err, KeyError):  # e.g. an activation name that transformers does not know
+        return f"unknown value {err}"
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    last = lines[-1] if lines[0].endswith(":") else lines[0]
+    return re.sub(r"^[A-Za-z]*(Error|Exception): ", "", last)

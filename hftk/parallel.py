@@ -33,11 +33,14 @@ def launch_problems() -> None:
         )
     if requested == "fp16" and not gpu:
         raise UserError("mixed_precision fp16 cannot run on a CPU; use bf16 or no in the accelerate config")
-    if _env_true("ACCELERATE_USE_FSDP") and not gpu and not _env_true("ACCELERATE_USE_CPU"):
-        raise UserError(
-            "Accelerate's FSDP needs GPUs; on a CPU launch the FSDP configs with ACCELERATE_USE_CPU=true, "
-            "which hftk shards with PyTorch's fully_shard over Gloo"
-        )
+
+
+def cpu_processes() -> bool:
+    """A multi-process launch with no GPU: the DDP and FSDP configs (written for GPUs) then run as CPU
+    processes over Gloo, so the command a user runs on a GPU machine also runs on a laptop. Without
+    this, Accelerate starts processes that never join one group. DeepSpeed brings its own launch."""
+    return (int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+            and not _env_true("ACCELERATE_USE_DEEPSPEED"))
 
 
 def process_group_kwargs(timeout_seconds: int) -> list[Any]:
@@ -59,8 +62,8 @@ def check_world(accelerator: Any) -> None:
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
         raise UserError(
-            f"launched {launched} processes but this one runs alone (an unsynchronised launch); on a CPU use "
-            f"ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes {launched} ..."
+            f"launched {launched} processes but this one runs alone (an unsynchronised launch); launch with "
+            f"accelerate launch --multi_gpu --num_processes {launched} (or an accelerate config) ..."
         )
     if accelerator.num_processes > 1:
         probe = torch.ones((), device=accelerator.device)
@@ -68,7 +71,7 @@ def check_world(accelerator: Any) -> None:
         if int(total) != accelerator.num_processes:
             raise UserError(
                 f"an all-reduce over {accelerator.num_processes} processes gave {total:g}: the processes are not "
-                "synchronised; on a CPU launch DDP and FSDP configs with ACCELERATE_USE_CPU=true"
+                "synchronised; check the launch's --num_processes, --num_machines and --main_process_ip"
             )
 
 
@@ -105,7 +108,7 @@ def apply_recipe_to_deepspeed(accelerator: Any, max_grad_norm: float | None) -> 
 
 
 def cpu_fsdp_requested() -> bool:
-    """An FSDP config launched on a CPU (with ACCELERATE_USE_CPU, so Accelerate gives plain processes)."""
+    """An FSDP config launched on a CPU (Accelerate is told to use the CPU, so it gives plain processes)."""
     return _env_true("ACCELERATE_USE_FSDP") and not torch.cuda.is_available()
 
 

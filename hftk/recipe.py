@@ -7,6 +7,7 @@ path and the closest valid key.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -25,22 +26,46 @@ SchedulerName = Literal[
 ]
 
 
+# Upper bounds far past any real run, low enough that numpy, torch and the tokenizers never overflow.
+MAX_TOKENS = 1_000_000  # a sequence length, in tokens
+MAX_BATCH = 1_000_000  # examples per batch, beams, accumulation steps, vocabulary entries
+MAX_STEPS = 1_000_000_000  # optimizer steps
+MAX_COUNT = 1_000_000_000  # rows, texts, checkpoints kept
+MAX_EPOCHS = 1_000_000
+MAX_WORKERS = 1024
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeding refuse more
+MAX_TIMEOUT_S = 365 * 24 * 3600
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf/nan would pass every bound and only fail once training runs.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _expand_home(value: str | None) -> str | None:
+    """`~/runs` means the home folder, as in a shell; kept literally it would make a folder named `~`."""
+    if value is None or not value.startswith("~"):
+        return value  # a Hub id never starts with `~`
+    expanded = os.path.expanduser(value)
+    if expanded.startswith("~"):
+        raise ValueError(f"cannot expand '{value}': no such user, or no home folder")
+    return expanded
 
 
 class TokenizerTraining(Section):
     """Train a tokenizer on the training split (scratch models only)."""
 
-    vocab_size: int = Field(2000, ge=64, description="Vocabulary size, special tokens included.")
-    min_frequency: int = Field(2, ge=1)
+    vocab_size: int = Field(2000, ge=64, le=MAX_BATCH, description="Vocabulary size, special tokens included.")
+    min_frequency: int = Field(2, ge=1, le=MAX_COUNT)
     lowercase: bool = False
-    max_texts: int | None = Field(None, ge=1, description="Train on at most this many rows.")
+    max_texts: int | None = Field(None, ge=1, le=MAX_COUNT, description="Train on at most this many rows.")
 
 
 class TokenizerSection(Section):
     name_or_path: str | None = None
     train: TokenizerTraining | None = None
+
+    _home_expanded = field_validator("name_or_path")(_expand_home)
 
     @model_validator(mode="after")
     def _one_source(self) -> TokenizerSection:
@@ -56,6 +81,8 @@ class ModelSection(Section):
     trust_remote_code: bool = False
     revision: str | None = None
     gradient_checkpointing: bool = False
+
+    _home_expanded = field_validator("name_or_path")(_expand_home)
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSection:
@@ -75,6 +102,8 @@ class DataSource(Section):
     name: str | None = None
     split: str = "train"
     revision: str | None = None
+
+    _home_expanded = field_validator("path")(_expand_home)
 
 
 def _source(value: Any) -> Any:
@@ -98,40 +127,45 @@ class DataSection(Section):
     text_column: str | None = None
     messages_column: str | None = None
     source_prefix: str | None = None
-    max_source_length: int = Field(256, ge=1)
-    max_target_length: int = Field(64, ge=1)
-    doc_stride: int = Field(64, ge=1)
-    max_train_samples: int | None = Field(None, ge=1)
-    max_eval_samples: int | None = Field(None, ge=1)
-    preprocessing_num_workers: int | None = Field(None, ge=1)
+    max_source_length: int = Field(256, ge=1, le=MAX_TOKENS)
+    max_target_length: int = Field(64, ge=1, le=MAX_TOKENS)
+    doc_stride: int = Field(64, ge=1, le=MAX_TOKENS)
+    max_train_samples: int | None = Field(None, ge=1, le=MAX_COUNT)
+    max_eval_samples: int | None = Field(None, ge=1, le=MAX_COUNT)
+    preprocessing_num_workers: int | None = Field(None, ge=1, le=MAX_WORKERS)
+    drop_bad_rows: bool = Field(False, description="Skip rows the task cannot use (null or missing text, wrong "
+                                                   "shape) and log how many, instead of stopping with exit 2.")
 
     _as_source = field_validator("train", "validation", "test", mode="before")(_source)
 
 
 class TrainSection(Section):
     output_dir: str
-    seed: int = 42
-    num_train_epochs: float = Field(3.0, gt=0)
-    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs.")
+    seed: int = Field(42, ge=0, le=MAX_SEED)
+    num_train_epochs: float = Field(3.0, gt=0, le=MAX_EPOCHS)
+    max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Optimizer steps; overrides epochs.")
     learning_rate: float = Field(5e-5, gt=0)
-    per_device_train_batch_size: int = Field(8, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
+    per_device_train_batch_size: int = Field(8, ge=1, le=MAX_BATCH)
+    gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_BATCH)
     lr_scheduler_type: SchedulerName = "linear"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    warmup_steps: int = Field(0, ge=0)
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
     weight_decay: float = Field(0.0, ge=0)
     adam_beta1: float = Field(0.9, ge=0, lt=1)
     adam_beta2: float = Field(0.999, ge=0, lt=1)
     adam_epsilon: float = Field(1e-8, gt=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    logging_steps: int = Field(10, ge=1)
-    eval_steps: int | None = Field(None, ge=1)
-    save_steps: int | None = Field(None, ge=1)
-    save_total_limit: int | None = Field(None, ge=1)
+    logging_steps: int = Field(10, ge=1, le=MAX_STEPS)
+    eval_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    save_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
+    save_total_limit: int | None = Field(None, ge=1, le=MAX_COUNT)
     resume_from_checkpoint: str | None = None
     overwrite_output_dir: bool = False
-    dataloader_num_workers: int = Field(0, ge=0)
-    ddp_timeout: int = Field(1800, ge=10, description="Seconds a collective may wait for a silent process.")
+    dataloader_num_workers: int = Field(0, ge=0, le=MAX_WORKERS)
+    ddp_timeout: int = Field(1800, ge=10, le=MAX_TIMEOUT_S,
+                             description="Seconds a collective may wait for a silent process.")
+
+    _home_expanded = field_validator("output_dir", "resume_from_checkpoint")(_expand_home)
 
     @model_validator(mode="after")
     def _rerun_mode(self) -> TrainSection:
@@ -141,9 +175,9 @@ class TrainSection(Section):
 
 
 class EvalSection(Section):
-    per_device_eval_batch_size: int = Field(16, ge=1)
-    num_beams: int = Field(1, ge=1)
-    max_new_tokens: int = Field(64, ge=1)
+    per_device_eval_batch_size: int = Field(16, ge=1, le=MAX_BATCH)
+    num_beams: int = Field(1, ge=1, le=MAX_BATCH)
+    max_new_tokens: int = Field(64, ge=1, le=MAX_TOKENS)
     metric_source: Literal["local", "hub"] = Field(
         "local", description="local: the metric libraries installed here; hub: evaluate.load from the Hub."
     )
@@ -155,8 +189,9 @@ class ParallelSection(Section):
     comm_hook: Literal["none", "fp16", "bf16", "powersgd"] = Field(
         "none", description="DDP gradient compression: fp16/bf16 casts, or PowerSGD low-rank approximation."
     )
-    powersgd_rank: int = Field(1, ge=1, description="PowerSGD matrix approximation rank.")
-    powersgd_start_iter: int = Field(1000, ge=2, description="Plain all-reduce (with error feedback warm-up) before this step.")
+    powersgd_rank: int = Field(1, ge=1, le=MAX_BATCH, description="PowerSGD matrix approximation rank.")
+    powersgd_start_iter: int = Field(1000, ge=2, le=MAX_STEPS,
+                                     description="Plain all-reduce (with error feedback warm-up) before this step.")
     powersgd_min_compression_rate: float = Field(2.0, ge=1.0)
 
 
@@ -175,8 +210,55 @@ class Recipe(Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+# More values than any recipe holds; aliases nested a few levels deep ("billion laughs") pass it at once.
+MAX_YAML_VALUES = 100_000
+
+
 class _RecipeLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that also reads 3e-4 (no dot) as a float, as YAML 1.2 and users do."""
+    """yaml.SafeLoader that also reads 3e-4 (no dot) as a float, as YAML 1.2 and users do, refuses
+    duplicate keys (PyYAML keeps the last one silently) and aliases that expand without bound."""
+
+    def compose_mapping_node(self, anchor: Any) -> yaml.MappingNode:
+        node = super().compose_mapping_node(anchor)
+        _reject_duplicate_keys(self, node)
+        return node
+
+    def compose_document(self) -> yaml.Node:
+        node = super().compose_document()
+        _expanded_size(node, {}, set())
+        return node
+
+
+def _reject_duplicate_keys(loader: _RecipeLoader, node: yaml.MappingNode) -> None:
+    first_seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node)
+        if key in first_seen:
+            first = first_seen[key].start_mark.line + 1
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key '{key_node.value}' (also at line {first})", key_node.start_mark)
+        first_seen[key] = key_node
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_nodes: set[int]) -> int:
+    """How many values the node becomes once every alias is copied out; counted once per node."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_nodes:
+        raise yaml.composer.ComposerError(None, None, "an alias refers to a collection that holds it",
+                                          node.start_mark)
+    open_nodes.add(id(node))
+    children = [] if isinstance(node, yaml.ScalarNode) else node.value
+    pairs = children if isinstance(node, yaml.MappingNode) else [(child,) for child in children]
+    size = 1 + sum(_expanded_size(part, sizes, open_nodes) for pair in pairs for part in pair)
+    open_nodes.discard(id(node))
+    if size > MAX_YAML_VALUES:
+        raise yaml.composer.ComposerError(
+            None, None, f"aliases expand it to more than {MAX_YAML_VALUES} values", node.start_mark)
+    sizes[id(node)] = size
+    return size
 
 
 _RecipeLoader.add_implicit_resolver(
@@ -199,8 +281,8 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise UserError(f"override '{item}' is not KEY=VALUE with a dotted key (e.g. train.learning_rate=3e-4)")
         try:
             value = _yaml(raw) if raw else ""
-        except yaml.YAMLError as err:
-            raise UserError(f"override '{item}': value is not valid YAML ({err.problem})") from None
+        except (yaml.YAMLError, RecursionError) as err:
+            raise UserError(f"override '{item}': value is not valid YAML ({_yaml_problem(err)})") from None
         node = tree
         *parents, leaf = key.split(".")
         for part in parents:
@@ -223,17 +305,48 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"recipe file not found: {path}")
+    text = _recipe_text(path)
     try:
-        raw = _yaml(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise UserError(f"{path}: malformed YAML{where}: {getattr(err, 'problem', err)}") from None
+        raw = _yaml(text)
+    except (yaml.YAMLError, RecursionError) as err:
+        raise UserError(f"{path}: malformed YAML{_where(err, text)}: {_yaml_problem(err)}") from None
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a recipe is a YAML mapping with task, model, data and train sections")
     return raw
+
+
+def _recipe_text(path: Path) -> str:
+    if path.is_dir():
+        raise UserError(f"{path} is a directory, not a recipe file")
+    if not path.is_file():
+        raise UserError(f"recipe file not found: {path}")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read the recipe {path}: {err.strerror or err}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise UserError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); "
+                        f"save the recipe as UTF-8") from None
+
+
+def _where(err: BaseException, text: str) -> str:
+    mark = getattr(err, "problem_mark", None)
+    if mark is not None:
+        return f" at line {mark.line + 1}, column {mark.column + 1}"
+    if isinstance(err, yaml.reader.ReaderError):
+        return f" at line {text.count(chr(10), 0, err.position) + 1}"
+    return ""
+
+
+def _yaml_problem(err: BaseException) -> str:
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    if isinstance(err, yaml.reader.ReaderError):
+        return f"character #x{err.character:04x} is not allowed in YAML"
+    return str(getattr(err, "problem", None) or err)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -7,152 +7,49 @@ tokenizer, model, data) -> train -> finish (final checkpoint, model, evaluation,
 from __future__ import annotations
 
 import json
-import math
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
-
-from hftk import checkpoint, data, metrics, models, parallel
+from hftk import checkpoint, models, parallel, run_dir
 from hftk.errors import RunError, UserError
+from hftk.evaluate import evaluate_split, write_jsonl
 from hftk.hub import write_model_card
-from hftk.recipe import Recipe, TrainSection
-from hftk.tasks import get_task
-from hftk.tasks.base import ENCODER_ONLY, Encoding, Task
-from hftk.tracking import MetricsLog, log, setup_logging
-
-
-@dataclass
-class Plan:
-    """Everything learned from the inputs before any model is loaded."""
-
-    recipe: Recipe
-    task: Task
-    config: Any
-    encoding: Encoding
-    splits: dict[str, datasets.Dataset]
-    resume_from: Path | None = None
+from hftk.prepare import (
+    Plan,
+    build_tokenizer,
+    decoder_inputs_for,
+    eval_loader,
+    make_accelerator,
+    make_loader,
+    plan_inputs,
+    tokenized,
+)
+from hftk.recipe import Recipe
+from hftk.tracking import MetricsLog, log
 
 
 def plan_finetune(recipe: Recipe) -> Plan:
-    output_dir = Path(recipe.train.output_dir)
+    settings = recipe.train
+    output_dir = Path(settings.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"train.output_dir: {output_dir} exists and is a file")
     checkpoint.check_writable(output_dir)
-    resume_from = checkpoint.resolve_resume(output_dir, recipe.train.resume_from_checkpoint)
-    if resume_from is not None:
-        checkpoint.check_compatible(resume_from, recipe)
-    if (checkpoint.holds_previous_run(output_dir) and not recipe.train.overwrite_output_dir
-            and not recipe.train.resume_from_checkpoint):
+    run_dir.check_no_collisions(output_dir)
+    if settings.resume_from_checkpoint == "latest" and run_dir.finished(output_dir):
+        raise UserError(f"train.output_dir: {output_dir} holds a finished run, so there is nothing to resume; set "
+                        f"train.overwrite_output_dir=true to train it afresh, or choose another output_dir")
+    resume_from = checkpoint.resolve_resume(output_dir, settings.resume_from_checkpoint)
+    if run_dir.holds_run(output_dir) and not settings.overwrite_output_dir and not settings.resume_from_checkpoint:
         raise UserError(
             f"train.output_dir: {output_dir} already holds a run; set train.resume_from_checkpoint=latest to "
             f"continue it, train.overwrite_output_dir=true to start afresh, or choose another output_dir"
         )
     plan = plan_inputs(recipe, ["train", "validation"])
+    plan.train_digest = checkpoint.train_data_digest(recipe.data.train, plan.splits["train"])
+    if resume_from is not None:
+        checkpoint.check_compatible(resume_from, recipe, plan.train_digest)
     plan.resume_from = resume_from
     return plan
-
-
-def plan_inputs(recipe: Recipe, split_keys: list[str], model_dir: str | None = None) -> Plan:
-    task = get_task(recipe.task)
-    metrics.check_metric_source(recipe.eval.metric_source)
-    splits = data.load_checked(task, recipe.data, split_keys)
-    model_section = recipe.model if model_dir is None else recipe.model.model_copy(
-        update={"name_or_path": model_dir, "config": None, "tokenizer": None})
-    config = models.resolve_config(model_section)
-    encoding = models.pick_encoding(task, config)
-    models.check_lengths(config, encoding.family, recipe.data.max_source_length, recipe.data.max_target_length)
-    return Plan(recipe, task, config, encoding, splits)
-
-
-def make_accelerator(settings: TrainSection):
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
-
-    parallel.launch_problems()
-    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-                              kwargs_handlers=parallel.process_group_kwargs(settings.ddp_timeout))
-    parallel.check_world(accelerator)
-    set_seed(settings.seed)
-    setup_logging(accelerator.is_main_process)
-    return accelerator
-
-
-def build_tokenizer(plan: Plan, accelerator: Any) -> Any:
-    tokenizer = _raw_tokenizer(plan, accelerator)
-    if hasattr(plan.task, "prepare_tokenizer"):  # e.g. a chat template for dialogue
-        tokenizer = plan.task.prepare_tokenizer(tokenizer)
-    return tokenizer
-
-
-def _raw_tokenizer(plan: Plan, accelerator: Any) -> Any:
-    from hftk import tokenizer as tok
-
-    spec = plan.recipe.model.tokenizer
-    if spec is None or spec.train is None:
-        return tok.load_tokenizer(plan.recipe.model)
-    train = plan.splits["train"]
-    key = tok.training_key(spec.train, plan.encoding.family, train._fingerprint)
-    rows = train if spec.train.max_texts is None else train.select(range(min(spec.train.max_texts, len(train))))
-    texts = (t for start in range(0, len(rows), 1000)
-             for t in plan.task.texts(rows[start:start + 1000], plan.recipe.data) if t)
-    with accelerator.main_process_first():
-        return tok.trained_tokenizer(texts, spec.train, plan.encoding.family, key, accelerator.is_main_process)
-
-
-def make_loader(dataset: datasets.Dataset, collator: Any, batch_size: int, shuffle: bool, workers: int = 0):
-    from torch.utils.data import DataLoader
-
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collator, num_workers=workers)
-
-
-def tokenized(plan: Plan, accelerator: Any, tokenizer: Any, key: str, training: bool) -> datasets.Dataset:
-    with accelerator.main_process_first():
-        return data.tokenize(plan.splits[key], plan.task, tokenizer, plan.recipe.data, plan.encoding.family, training)
-
-
-def decoder_inputs_for(model: Any) -> Any:
-    return getattr(model, "prepare_decoder_input_ids_from_labels", None)
-
-
-def eval_loader(plan: Plan, accelerator: Any, model: Any, tokenizer: Any, features: datasets.Dataset) -> Any:
-    """Prepared once per run: every prepare() call adds a loader Accelerate keeps for good."""
-    collator = plan.task.collator(tokenizer, plan.encoding.family, decoder_inputs_for(accelerator.unwrap_model(model)))
-    return accelerator.prepare(make_loader(features, collator, plan.recipe.eval.per_device_eval_batch_size, shuffle=False))
-
-
-def evaluate_split(plan: Plan, accelerator: Any, model: Any, tokenizer: Any, key: str,
-                   loader: Any) -> tuple[dict[str, float], list[dict]]:
-    from hftk.train.evaluation import run_evaluation
-
-    recipe, task = plan.recipe, plan.task
-    raw = plan.splits[key]
-    rows = raw[:]
-    loss, by_index = run_evaluation(accelerator, model, loader, tokenizer, task, plan.encoding.family, recipe.eval,
-                                    rows, recipe.data)
-    results = {"eval_loss": loss}
-    if plan.encoding.family != ENCODER_ONLY:
-        results["eval_perplexity"] = math.exp(min(loss, 50.0))  # capped: exp overflows past ~700
-    predictions = []
-    if by_index:
-        references = task.references(rows, recipe.data)
-        order = range(len(raw))
-        texts = [by_index.get(i, "") for i in order]  # an example with no prediction scores as empty
-        scores = task.compute_metrics(texts, references, recipe.eval.metric_source)
-        results.update({f"eval_{k}": v for k, v in scores.items()})
-        id_column = recipe.data.id_column or "id"
-        ids = rows[id_column] if id_column in rows else list(order)
-        predictions = [{"id": ids[i], "prediction": texts[i], "reference": references[i]} for i in order]
-    results["eval_samples"] = len(raw)
-    return results, predictions
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def finetune(recipe: Recipe) -> dict[str, Any]:
@@ -178,11 +75,13 @@ def finetune(recipe: Recipe) -> dict[str, Any]:
 
 
 def start_output_dir(accelerator: Any, recipe: Recipe) -> None:
+    """The first write of a run. Starting afresh removes only what the earlier run wrote."""
     output_dir = Path(recipe.train.output_dir)
     if accelerator.is_main_process:
-        if recipe.train.overwrite_output_dir and output_dir.exists():
-            shutil.rmtree(output_dir)
+        if recipe.train.overwrite_output_dir:
+            run_dir.clear_previous(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.start(output_dir)
         (output_dir / "recipe.yaml").write_text(recipe.dump_yaml())
     accelerator.wait_for_everyone()
 
@@ -207,7 +106,7 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, 
         model = models.build_model(recipe.model, plan.config, plan.encoding, tokenizer)
     parallel.apply_recipe_to_deepspeed(accelerator, settings.max_grad_norm)
     collator = plan.task.collator(tokenizer, plan.encoding.family, decoder_inputs_for(model))
-    loader = make_loader(train_features, collator, settings.per_device_train_batch_size, True,
+    loader = make_loader(train_features, collator, settings.per_device_train_batch_size, True, settings.seed,
                          settings.dataloader_num_workers)
     model, optimizer, loader = strategy.prepare(accelerator, model, lambda m: build_optimizer(m, settings), loader)
     total_steps = total_optimizer_steps(settings, len(loader))
@@ -234,7 +133,7 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, 
     def save() -> str:
         return str(checkpoint.save_checkpoint(
             accelerator, output_dir, state.optimizer_step, recipe.dump_yaml(), settings.save_total_limit,
-            lambda folder: strategy.save_extra(accelerator, folder, model, optimizer)))
+            lambda folder: strategy.save_extra(accelerator, folder, model, optimizer), plan.train_digest))
 
     parts = LoopParts(accelerator, model, optimizer, scheduler, loader, plan.encoding.family, total_steps, state,
                       metrics_log, evaluate and (lambda: evaluate()[0]), save, StopFlag().install())
@@ -264,6 +163,7 @@ def finish(plan: Plan, parts: Any, strategy: Any, tokenizer: Any, train_results:
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
         write_model_card(output_dir, recipe.task, recipe.dump_yaml(), results, recipe.model.name_or_path,
                          plan.encoding.auto_class)
+        run_dir.mark_finished(output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
@@ -277,50 +177,3 @@ def save_model(accelerator: Any, model: Any, state_dict: dict, tokenizer: Any, o
     if accelerator.is_main_process:
         tokenizer.save_pretrained(output_dir)
     accelerator.wait_for_everyone()
-
-
-def sample_continuations(model: Any, tokenizer: Any, prompts: list[str], settings: Any, temperature: float) -> list[dict]:
-    """Sampled continuations of free prompts (top-p 0.95), for a look at what a model writes."""
-    import torch
-
-    samples = []
-    for prompt in prompts:
-        inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
-        with torch.no_grad():
-            output = model.generate(**inputs, do_sample=True, top_p=0.95, temperature=temperature,
-                                    max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-        if not model.config.is_encoder_decoder:
-            output = output[:, inputs["input_ids"].shape[1]:]
-        samples.append({"prompt": prompt, "continuation": tokenizer.decode(output[0], skip_special_tokens=True)})
-    return samples
-
-
-def evaluate_saved(recipe: Recipe, model_dir: str | None, split: str, output_dir: str | None,
-                   prompts: list[str] | None = None, temperature: float = 0.8) -> dict[str, Any]:
-    import transformers
-
-    from hftk.tokenizer import with_pad_token
-
-    model_dir = model_dir or recipe.train.output_dir
-    if not (Path(model_dir) / "config.json").is_file():
-        raise UserError(f"--model: {model_dir} holds no saved model (no config.json)")
-    if getattr(recipe.data, split, None) is None:
-        raise UserError(f"--split: the recipe has no data.{split}")
-    plan = plan_inputs(recipe, [split], model_dir=model_dir)
-    accelerator = make_accelerator(recipe.train)
-    tokenizer = with_pad_token(transformers.AutoTokenizer.from_pretrained(model_dir))
-    model = getattr(transformers, plan.encoding.auto_class).from_pretrained(model_dir)
-    model = accelerator.prepare(model)
-    loader = eval_loader(plan, accelerator, model, tokenizer, tokenized(plan, accelerator, tokenizer, split, False))
-    results, rows = evaluate_split(plan, accelerator, model, tokenizer, split, loader)
-    target = Path(output_dir or model_dir)
-    if accelerator.is_main_process:
-        target.mkdir(parents=True, exist_ok=True)
-        (target / "eval_results.json").write_text(json.dumps(results, indent=2))
-        write_jsonl(target / "predictions.jsonl", rows)
-        if prompts:
-            write_jsonl(target / "samples.jsonl", sample_continuations(
-                accelerator.unwrap_model(model), tokenizer, prompts, recipe.eval, temperature))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return results

@@ -14,14 +14,20 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def setup_logging(is_main: bool) -> None:
+    import sys
+
     from rich.console import Console
     from rich.logging import RichHandler
 
-    # Progress goes to stderr, like every Hugging Face library; stdout stays for results.
-    logging.basicConfig(
-        level=logging.INFO if is_main else logging.WARNING, format="%(message)s",
-        handlers=[RichHandler(console=Console(stderr=True), show_path=False, show_time=False)], force=True,
-    )
+    # Progress goes to stderr, like every Hugging Face library; stdout stays for results. A log file
+    # or CI gets plain lines: rich would wrap them at 80 columns and split what a grep looks for.
+    if sys.stderr.isatty():
+        handler = RichHandler(console=Console(stderr=True), show_path=False, show_time=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)-8s %(message)s"))
+    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, handlers=[handler], force=True)
     for noisy in ("datasets", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.WARNING if is_main else logging.ERROR)
 

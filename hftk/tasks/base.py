@@ -37,8 +37,15 @@ class Task(Protocol):
     def columns(self, data: DataSection) -> list[str]:
         """Columns (top-level keys) each raw row must have, with the public schema's defaults applied."""
 
-    def check_rows(self, rows: dict[str, list[Any]], data: DataSection, where: str) -> None:
-        """Raise UserError when sample rows do not have the shape the task needs."""
+    def row_problems(self, rows: dict[str, list[Any]], data: DataSection) -> list[str | None]:
+        """Batched: for each row, None when the task can use it, else a short description of what is
+        wrong ("'summary' is missing or null"). Runs on every row before any model loads."""
+
+    def has_source(self, rows: dict[str, list[Any]], data: DataSection) -> list[bool]:
+        """Batched: whether each row gives the model any non-blank text to read."""
+
+    def source_label(self, data: DataSection) -> str:
+        """What has_source looks at, for the message when no row has any ("'document'")."""
 
     def texts(self, rows: dict[str, list[Any]], data: DataSection) -> Iterable[str]:
         """Raw text to train a scratch tokenizer on."""
@@ -66,3 +73,20 @@ class Task(Protocol):
 
     def compute_metrics(self, predictions: list[str], references: list[Any], source: str) -> dict[str, float]:
         """Metric values named as `evaluate` names them, without the eval_ prefix."""
+
+
+def text_problem(column: str, value: Any) -> str | None:
+    """What is wrong with one cell that must hold text (None: nothing). Missing keys load as null."""
+    if value is None:
+        return f"'{column}' is missing or null"
+    if not isinstance(value, str):
+        return f"column '{column}' must hold text, found {type(value).__name__}"
+    return None
+
+
+def first_problem(*problems: str | None) -> str | None:
+    return next((p for p in problems if p is not None), None)
+
+
+def has_text(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())

@@ -13,7 +13,7 @@ from typing import Any
 from hftk import metrics
 from hftk.errors import UserError
 from hftk.recipe import DataSection
-from hftk.tasks.base import DECODER_ONLY
+from hftk.tasks.base import DECODER_ONLY, has_text
 from hftk.tasks.text_to_text import (
     IGNORE_INDEX,
     TEXT_TO_TEXT_ENCODINGS,
@@ -44,17 +44,16 @@ class Dialogue:
     def columns(self, data: DataSection) -> list[str]:
         return [self._column(data)]
 
-    def check_rows(self, rows: dict[str, list[Any]], data: DataSection, where: str) -> None:
+    def row_problems(self, rows: dict[str, list[Any]], data: DataSection) -> list[str | None]:
         column = self._column(data)
-        for messages in rows[column]:
-            if not isinstance(messages, list) or not messages:
-                raise UserError(f"{where}: column '{column}' must hold non-empty lists of {{role, content}} messages")
-            for message in messages:
-                if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
-                    raise UserError(f"{where}: every message needs a role ({', '.join(sorted(ROLES))}) and text "
-                                    f"content; found {str(message)[:80]}")
-            if messages[-1]["role"] != "assistant":
-                raise UserError(f"{where}: every conversation must end with an assistant turn to learn and score")
+        return [conversation_problem(messages, column) for messages in rows[column]]
+
+    def has_source(self, rows: dict[str, list[Any]], data: DataSection) -> list[bool]:
+        return [isinstance(messages, list) and any(isinstance(m, dict) and has_text(m.get("content")) for m in messages)
+                for messages in rows[self._column(data)]]
+
+    def source_label(self, data: DataSection) -> str:
+        return f"message content in '{self._column(data)}'"
 
     def texts(self, rows: dict[str, list[Any]], data: DataSection):
         for messages in rows[self._column(data)]:
@@ -97,6 +96,28 @@ class Dialogue:
 
     def compute_metrics(self, predictions: list[str], references: list[str], source: str) -> dict[str, float]:
         return metrics.rouge(predictions, references, source)
+
+
+def conversation_problem(messages: Any, column: str) -> str | None:
+    if messages is None:
+        return f"'{column}' is missing or null"
+    if not isinstance(messages, list):
+        return f"column '{column}' must hold lists of {{role, content}} messages, found {type(messages).__name__}"
+    if not messages:
+        return "a conversation with no messages"
+    bad = next((m for m in messages if not _is_message(m)), None)
+    if bad is not None:
+        return (f"every message needs a role ({', '.join(sorted(ROLES))}) and text content; "
+                f"found {str(bad)[:80]}")
+    if not any(m["role"] == "assistant" for m in messages):
+        return "no assistant turn"
+    if messages[-1]["role"] != "assistant":
+        return "the conversation must end with an assistant turn to learn and score"
+    return None
+
+
+def _is_message(message: Any) -> bool:
+    return isinstance(message, dict) and message.get("role") in ROLES and isinstance(message.get("content"), str)
 
 
 def history_text(messages: list[dict]) -> str:

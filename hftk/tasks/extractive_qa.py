@@ -18,7 +18,7 @@ from hftk import metrics
 from hftk.errors import UserError
 from hftk.recipe import DataSection
 from hftk.tasks.base import ENCODER_ONLY, EXAMPLE_INDEX, Encoding
-from hftk.tasks.squad_schema import answer_texts, check_answers, qa_columns, repair_answer_starts
+from hftk.tasks.squad_schema import answer_texts, contexts_present, qa_columns, qa_row_problems, repair_answer_starts
 from hftk.tasks.text_to_text import pad
 from hftk.tracking import log
 
@@ -37,8 +37,14 @@ class ExtractiveQA:
         cols = qa_columns(data)
         return [cols.question, cols.context, cols.answers]
 
-    def check_rows(self, rows: dict[str, list[Any]], data: DataSection, where: str) -> None:
-        check_answers(rows, data, where)
+    def row_problems(self, rows: dict[str, list[Any]], data: DataSection) -> list[str | None]:
+        return qa_row_problems(rows, data)
+
+    def has_source(self, rows: dict[str, list[Any]], data: DataSection) -> list[bool]:
+        return contexts_present(rows, data)
+
+    def source_label(self, data: DataSection) -> str:
+        return f"'{qa_columns(data).context}'"
 
     def repair(self, dataset: datasets.Dataset, data: DataSection, where: str) -> datasets.Dataset:
         """Real data often has answer_start offsets that miss their text: move them to the text,

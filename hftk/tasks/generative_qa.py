@@ -10,12 +10,12 @@ from collections.abc import Callable
 from typing import Any
 
 from hftk import metrics
-from hftk.errors import UserError
 from hftk.recipe import DataSection
 from hftk.tasks.base import DECODER_ONLY
-from hftk.tasks.squad_schema import answer_texts, check_answers, qa_columns
+from hftk.tasks.squad_schema import answer_texts, contexts_present, qa_columns, qa_row_problems
 from hftk.tasks.text_to_text import (
     TEXT_TO_TEXT_ENCODINGS,
+    PromptParts,
     TextToTextCollator,
     decode_generated,
     encode_pairs,
@@ -33,35 +33,37 @@ class GenerativeQA:
         cols = qa_columns(data)
         return [cols.question, cols.context, cols.answers]
 
-    def check_rows(self, rows: dict[str, list[Any]], data: DataSection, where: str) -> None:
-        check_answers(rows, data, where)
+    def row_problems(self, rows: dict[str, list[Any]], data: DataSection) -> list[str | None]:
+        return qa_row_problems(rows, data)
+
+    def has_source(self, rows: dict[str, list[Any]], data: DataSection) -> list[bool]:
+        return contexts_present(rows, data)
+
+    def source_label(self, data: DataSection) -> str:
+        return f"'{qa_columns(data).context}'"
 
     def texts(self, rows: dict[str, list[Any]], data: DataSection):
         cols = qa_columns(data)
         yield from rows[cols.question]
         yield from rows[cols.context]
 
-    def sources(self, rows: dict[str, list[Any]], tokenizer: Any, data: DataSection, family: str) -> list[str]:
+    def prompts(self, rows: dict[str, list[Any]], data: DataSection, family: str) -> list[PromptParts]:
         cols = qa_columns(data)
-        sources = []
+        prompts = []
         for question, context in zip(rows[cols.question], rows[cols.context]):
+            # The space before the context starts the context's first token, as in the joined text.
             # A decoder reads the question last, right before it answers (measured: better than first).
-            head, tail = (f"question: {question} context: ", "") if family != DECODER_ONLY else \
-                ("context: ", f"\nquestion: {question}\nanswer:")
-            room = data.max_source_length - len(tokenizer(head + tail, add_special_tokens=True)["input_ids"])
-            if room <= 0:
-                raise UserError(f"data.max_source_length={data.max_source_length} leaves no room for the context "
-                                f"after a question of {data.max_source_length - room} tokens; raise it")
-            context_ids = tokenizer(context, add_special_tokens=False)["input_ids"][:room]
-            sources.append(head + tokenizer.decode(context_ids, skip_special_tokens=True) + tail)
-        return sources
+            head, tail = ("context:", f"\nquestion: {question}\nanswer:") if family == DECODER_ONLY else \
+                (f"question: {question} context:", "")
+            prompts.append(PromptParts(head, " " + context, tail))
+        return prompts
 
     def preprocess(self, rows, tokenizer, data: DataSection, family: str, training: bool):
         targets = [texts[0] if texts else "" for texts in answer_texts(rows, data)]
         if family == DECODER_ONLY:
             targets = [" " + t if t else t for t in targets]
-        return encode_pairs(self.sources(rows, tokenizer, data, family), targets, tokenizer, family,
-                            data.max_source_length, data.max_target_length, training)
+        return encode_pairs(self.prompts(rows, data, family), targets, tokenizer, family,
+                            data.max_source_length, data.max_target_length, training, source_name="context")
 
     def collator(self, tokenizer: Any, family: str, decoder_inputs: Callable | None = None):
         return TextToTextCollator(tokenizer.pad_token_id, decoder_inputs)

@@ -11,6 +11,7 @@ from typing import Any
 
 from hftk.errors import UserError
 from hftk.recipe import DataSection
+from hftk.tasks.base import first_problem, has_text, text_problem
 
 
 @dataclass(frozen=True)
@@ -25,17 +26,35 @@ def qa_columns(data: DataSection) -> QAColumns:
                      data.answer_column or "answers")
 
 
-def check_answers(rows: dict[str, list[Any]], data: DataSection, where: str) -> None:
+SQUAD_SHAPE = "{'text': [str, ...], 'answer_start': [int, ...]} (empty lists for no answer)"
+
+
+def qa_row_problems(rows: dict[str, list[Any]], data: DataSection) -> list[str | None]:
+    """Per row: question and context are text, answers have the SQuAD shape."""
     cols = qa_columns(data)
-    for column in (cols.question, cols.context):
-        if any(not isinstance(v, str) for v in rows[column]):
-            raise UserError(f"{where}: column '{column}' must hold text")
-    for answers in rows[cols.answers]:
-        if not (isinstance(answers, dict) and isinstance(answers.get("text"), list)
-                and isinstance(answers.get("answer_start"), list)
-                and len(answers["text"]) == len(answers["answer_start"])):
-            raise UserError(f"{where}: column '{cols.answers}' must be in the SQuAD shape "
-                            "{'text': [str, ...], 'answer_start': [int, ...]} (empty lists for no answer)")
+    return [first_problem(text_problem(cols.question, q), text_problem(cols.context, c), _answers_problem(a, cols))
+            for q, c, a in zip(rows[cols.question], rows[cols.context], rows[cols.answers])]
+
+
+def _answers_problem(answers: Any, cols: QAColumns) -> str | None:
+    if answers is None:
+        return f"'{cols.answers}' is missing or null"
+    if not _is_squad_shape(answers):
+        return f"column '{cols.answers}' must be in the SQuAD shape {SQUAD_SHAPE}"
+    return None
+
+
+def _is_squad_shape(answers: Any) -> bool:
+    if not isinstance(answers, dict):
+        return False
+    texts, starts = answers.get("text"), answers.get("answer_start")
+    return (isinstance(texts, list) and isinstance(starts, list) and len(texts) == len(starts)
+            and all(isinstance(t, str) for t in texts)
+            and all(isinstance(s, int) and not isinstance(s, bool) for s in starts))
+
+
+def contexts_present(rows: dict[str, list[Any]], data: DataSection) -> list[bool]:
+    return [has_text(c) for c in rows[qa_columns(data).context]]
 
 
 def answer_texts(rows: dict[str, list[Any]], data: DataSection) -> list[list[str]]:

@@ -6,10 +6,11 @@ from collections.abc import Callable
 from typing import Any
 
 from hftk import metrics
-from hftk.errors import UserError
 from hftk.recipe import DataSection
+from hftk.tasks.base import DECODER_ONLY, first_problem, has_text, text_problem
 from hftk.tasks.text_to_text import (
     TEXT_TO_TEXT_ENCODINGS,
+    PromptParts,
     TextToTextCollator,
     decode_generated,
     encode_pairs,
@@ -37,30 +38,38 @@ class Summarization:
     def columns(self, data: DataSection) -> list[str]:
         return [self._source(data), self._target(data)]
 
-    def check_rows(self, rows: dict[str, list[Any]], data: DataSection, where: str) -> None:
-        for column in self.columns(data):
-            bad = next((v for v in rows[column] if not isinstance(v, str)), None)
-            if bad is not None:
-                raise UserError(f"{where}: column '{column}' must hold text, found {type(bad).__name__}")
+    def row_problems(self, rows: dict[str, list[Any]], data: DataSection) -> list[str | None]:
+        source, target = self._source(data), self._target(data)
+        return [first_problem(text_problem(source, d), text_problem(target, s))
+                for d, s in zip(rows[source], rows[target])]
+
+    def has_source(self, rows: dict[str, list[Any]], data: DataSection) -> list[bool]:
+        return [has_text(d) for d in rows[self._source(data)]]
+
+    def source_label(self, data: DataSection) -> str:
+        return f"'{self._source(data)}'"
 
     def texts(self, rows: dict[str, list[Any]], data: DataSection):
         for column in self.columns(data):
             yield from rows[column]
 
-    def sources(self, rows: dict[str, list[Any]], data: DataSection, family: str) -> list[str]:
+    def prompts(self, rows: dict[str, list[Any]], data: DataSection, family: str) -> list[PromptParts]:
+        # The prefix stays glued to the document so their token boundary is the joined text's.
         prefix = data.source_prefix or ""
-        documents = [prefix + (d or "") for d in rows[self._source(data)]]
-        if family == "decoder-only":
-            return [d + PROMPT_CUE for d in documents]
-        return documents
+        tail = PROMPT_CUE if family == DECODER_ONLY else ""
+        return [PromptParts("", prefix + (d or ""), tail) for d in rows[self._source(data)]]
+
+    def sources(self, rows: dict[str, list[Any]], data: DataSection, family: str) -> list[str]:
+        """The text each model reads, before any truncation."""
+        return [p.text for p in self.prompts(rows, data, family)]
 
     def preprocess(self, rows, tokenizer, data: DataSection, family: str, training: bool):
         targets = [t or "" for t in rows[self._target(data)]]
-        if family == "decoder-only":
+        if family == DECODER_ONLY:
             targets = [" " + t for t in targets]
         return encode_pairs(
-            self.sources(rows, data, family), targets, tokenizer, family,
-            data.max_source_length, data.max_target_length, training,
+            self.prompts(rows, data, family), targets, tokenizer, family,
+            data.max_source_length, data.max_target_length, training, source_name="document",
         )
 
     def collator(self, tokenizer: Any, family: str, decoder_inputs: Callable | None = None):

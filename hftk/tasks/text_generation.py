@@ -6,9 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from hftk.errors import UserError
 from hftk.recipe import DataSection
-from hftk.tasks.base import DECODER_ONLY, EXAMPLE_INDEX, Encoding
+from hftk.tasks.base import DECODER_ONLY, EXAMPLE_INDEX, Encoding, has_text, text_problem
 from hftk.tasks.text_to_text import TextToTextCollator
 
 
@@ -25,9 +24,15 @@ class TextGeneration:
     def columns(self, data: DataSection) -> list[str]:
         return [self._column(data)]
 
-    def check_rows(self, rows: dict[str, list[Any]], data: DataSection, where: str) -> None:
-        if any(not isinstance(t, str) for t in rows[self._column(data)]):
-            raise UserError(f"{where}: column '{self._column(data)}' must hold text")
+    def row_problems(self, rows: dict[str, list[Any]], data: DataSection) -> list[str | None]:
+        column = self._column(data)
+        return [text_problem(column, text) for text in rows[column]]
+
+    def has_source(self, rows: dict[str, list[Any]], data: DataSection) -> list[bool]:
+        return [has_text(text) for text in rows[self._column(data)]]
+
+    def source_label(self, data: DataSection) -> str:
+        return f"'{self._column(data)}'"
 
     def texts(self, rows: dict[str, list[Any]], data: DataSection):
         yield from rows[self._column(data)]

@@ -4,15 +4,19 @@ Two model families are served by the same functions:
 - encoder-decoder: source -> input_ids, target -> labels;
 - decoder-only: prompt + target in one sequence, loss on the target only; evaluation feeds the
   prompt alone, left-padded, so batched generation continues every row from its last token.
+
+Tasks hand the source as PromptParts: a source too long for data.max_source_length is cut from its
+end and the template around it (an instruction, a question, the cue to answer) stays whole.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
+from hftk.errors import UserError
 from hftk.tasks.base import DECODER_ONLY, ENCODER_DECODER, EXAMPLE_INDEX, Encoding
 
 IGNORE_INDEX = -100
@@ -23,37 +27,107 @@ TEXT_TO_TEXT_ENCODINGS = {
 }
 
 
+class PromptParts(NamedTuple):
+    """A source text and the template around it. Only the source is ever cut, from its end.
+
+    For a byte-level BPE (GPT-2 style) a space before a word belongs to that word's token: a space
+    where the source meets the template goes at the start of the source or of the tail, never at the
+    end of the head, so the parts tokenize as the joined text does."""
+
+    head: str
+    source: str
+    tail: str = ""
+
+    @property
+    def text(self) -> str:
+        return self.head + self.source + self.tail
+
+    @property
+    def template(self) -> str:
+        return self.head + self.tail
+
+
+def as_parts(source: str | PromptParts) -> PromptParts:
+    return source if isinstance(source, PromptParts) else PromptParts("", source)
+
+
 def encode_pairs(
-    sources: list[str], targets: list[str], tokenizer: Any, family: str,
-    max_source_length: int, max_target_length: int, training: bool,
+    sources: Sequence[str | PromptParts], targets: list[str], tokenizer: Any, family: str,
+    max_source_length: int, max_target_length: int, training: bool, source_name: str = "source text",
 ) -> dict[str, list[list[int]]]:
+    """`source_name` ("document", "context") names the source when the template leaves it no room."""
+    prompts = [as_parts(s) for s in sources]
     if family == ENCODER_DECODER:
-        features = tokenizer(sources, max_length=max_source_length, truncation=True)
+        check_encoder_room(prompts, tokenizer, max_source_length, source_name)
+        # The tokenizer cuts the joined text from its end: an encoder-decoder template belongs in the head.
+        features = tokenizer([p.text for p in prompts], max_length=max_source_length, truncation=True)
         labels = tokenizer(text_target=targets, max_length=max_target_length, truncation=True)["input_ids"]
         return {"input_ids": features["input_ids"], "attention_mask": features["attention_mask"], "labels": labels}
-    return encode_prompt_completion(sources, targets, tokenizer, max_source_length, max_target_length, training)
+    return encode_prompt_completion(prompts, targets, tokenizer, max_source_length, max_target_length, training,
+                                    source_name)
 
 
 def encode_prompt_completion(
-    prompts: list[str], completions: list[str], tokenizer: Any,
-    max_prompt_length: int, max_completion_length: int, training: bool,
+    prompts: Sequence[str | PromptParts], completions: list[str], tokenizer: Any,
+    max_prompt_length: int, max_completion_length: int, training: bool, source_name: str = "source text",
 ) -> dict[str, list[list[int]]]:
     eos, bos = tokenizer.eos_token_id, tokenizer.bos_token_id
     prefix = [bos] if bos is not None and bos != eos else []
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    prompt_ids = prompt_token_ids([as_parts(p) for p in prompts], tokenizer, max_prompt_length, prefix, source_name)
+    completion_ids = token_ids(completions, tokenizer)
     features: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
     if not training:
         features["prompt_input_ids"] = []
     for prompt, completion in zip(prompt_ids, completion_ids, strict=True):
-        # Keep the end of the prompt: it holds the instruction that asks for the completion.
-        prompt = prefix + prompt[len(prompt) - max(max_prompt_length - len(prefix), 0):]
         completion = completion[: max_completion_length - 1] + [eos]
         features["input_ids"].append(prompt + completion)
         features["labels"].append([IGNORE_INDEX] * len(prompt) + completion)
         if not training:
             features["prompt_input_ids"].append(prompt)
     return features
+
+
+def prompt_token_ids(prompts: list[PromptParts], tokenizer: Any, max_length: int, prefix: list[int],
+                     source_name: str) -> list[list[int]]:
+    """`prefix` + each prompt's ids, at most `max_length` in all.
+
+    A prompt that fits is tokenized as one text, so its ids are the joined text's for any tokenizer.
+    A longer one keeps its head and tail whole and cuts its source to the room they leave."""
+    limit = max_length - len(prefix)
+    ids = token_ids([p.text for p in prompts], tokenizer)
+    too_long = [i for i, row in enumerate(ids) if len(row) > limit]
+    cut = [prompts[i] for i in too_long]
+    pieces = template_token_ids(cut, tokenizer)
+    for i, prompt, source in zip(too_long, cut, token_ids([p.source for p in cut], tokenizer), strict=True):
+        head, tail = pieces[prompt.head], pieces[prompt.tail]
+        room = limit - len(head) - len(tail)
+        if room <= 0:
+            raise no_room_error(max_length, max_length - room, source_name)
+        ids[i] = head + source[:room] + tail
+    return [prefix + row for row in ids]
+
+
+def template_token_ids(prompts: list[PromptParts], tokenizer: Any) -> dict[str, list[int]]:
+    """Ids of every distinct head and tail (most tasks share one template across rows)."""
+    texts = sorted({p.head for p in prompts} | {p.tail for p in prompts})
+    return dict(zip(texts, token_ids(texts, tokenizer), strict=True))
+
+
+def token_ids(texts: list[str], tokenizer: Any) -> list[list[int]]:
+    return tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+
+
+def check_encoder_room(prompts: list[PromptParts], tokenizer: Any, max_length: int, source_name: str) -> None:
+    templates = sorted({p.template for p in prompts if p.template})
+    lengths = [len(ids) for ids in tokenizer(templates)["input_ids"]] if templates else []
+    longest = max(lengths, default=0)
+    if longest >= max_length:
+        raise no_room_error(max_length, longest, source_name)
+
+
+def no_room_error(max_length: int, template_length: int, source_name: str) -> UserError:
+    return UserError(f"data.max_source_length={max_length} leaves no room for the {source_name} after a prompt "
+                     f"template of {template_length} tokens; raise it")
 
 
 def pad(sequences: list[list[int]], value: int, left: bool = False, multiple: int = 1) -> torch.Tensor:

@@ -9,9 +9,10 @@ from typing import Any
 from hftk import metrics
 from hftk.errors import UserError
 from hftk.recipe import DataSection
-from hftk.tasks.base import DECODER_ONLY
+from hftk.tasks.base import DECODER_ONLY, first_problem, has_text, text_problem
 from hftk.tasks.text_to_text import (
     TEXT_TO_TEXT_ENCODINGS,
+    PromptParts,
     TextToTextCollator,
     decode_generated,
     encode_pairs,
@@ -52,36 +53,56 @@ class Translation:
             return [p[data.source_lang] for p in pairs], [p[data.target_lang] for p in pairs]
         return list(rows[data.source_column]), list(rows[data.target_column])
 
-    def check_rows(self, rows: dict[str, list[Any]], data: DataSection, where: str) -> None:
-        if self._nested(data):
-            column = data.translation_column or "translation"
-            for row in rows[column]:
-                if not isinstance(row, dict):
-                    raise UserError(f"{where}: column '{column}' must hold {{language: text}} objects")
-                missing = [lang for lang in (data.source_lang, data.target_lang) if lang not in row]
-                if missing:
-                    raise UserError(f"{where}: a '{column}' row has no language {', '.join(repr(m) for m in missing)} "
-                                    f"(it has: {', '.join(sorted(row))})")
-        sources, targets = self.pairs(rows, data)
-        if any(not isinstance(t, str) for t in sources + targets):
-            raise UserError(f"{where}: translation texts must be strings")
+    def row_problems(self, rows: dict[str, list[Any]], data: DataSection) -> list[str | None]:
+        if not self._nested(data):
+            return [first_problem(text_problem(data.source_column, s), text_problem(data.target_column, t))
+                    for s, t in zip(rows[data.source_column], rows[data.target_column])]
+        column = data.translation_column or "translation"
+        return [self._pair_problem(pair, column, data) for pair in rows[column]]
+
+    @staticmethod
+    def _pair_problem(pair: Any, column: str, data: DataSection) -> str | None:
+        if pair is None:
+            return f"'{column}' is missing or null"
+        if not isinstance(pair, dict):
+            return f"column '{column}' must hold {{language: text}} objects, found {type(pair).__name__}"
+        # A struct column gives every row every language seen in the file: absent ones read as null.
+        missing = [lang for lang in (data.source_lang, data.target_lang) if pair.get(lang) is None]
+        if missing:
+            present = sorted(lang for lang, text in pair.items() if text is not None)
+            return (f"'{column}' has no language {', '.join(repr(m) for m in missing)} "
+                    f"(it has: {', '.join(present) or 'none'})")
+        return first_problem(*(text_problem(f"{column}.{lang}", pair[lang])
+                               for lang in (data.source_lang, data.target_lang)))
+
+    def has_source(self, rows: dict[str, list[Any]], data: DataSection) -> list[bool]:
+        if not self._nested(data):
+            return [has_text(s) for s in rows[data.source_column]]
+        column = data.translation_column or "translation"
+        return [isinstance(p, dict) and has_text(p.get(data.source_lang)) for p in rows[column]]
+
+    def source_label(self, data: DataSection) -> str:
+        return f"'{data.source_column}'" if not self._nested(data) else f"'{data.source_lang}' text"
 
     def texts(self, rows: dict[str, list[Any]], data: DataSection):
         sources, targets = self.pairs(rows, data)
         yield from sources
         yield from targets
 
-    def prompt(self, source: str, data: DataSection) -> str:
+    def prompts(self, rows: dict[str, list[Any]], data: DataSection, family: str) -> list[PromptParts]:
+        sources = [(data.source_prefix or "") + s for s in self.pairs(rows, data)[0]]
+        if family != DECODER_ONLY:
+            return [PromptParts("", s) for s in sources]
+        # A decoder reads the instruction, the source, then the target language's name as its cue.
         src, tgt = language_name(data.source_lang or "source"), language_name(data.target_lang or "target")
-        return f"Translate {src} to {tgt}:\n{source}\n{tgt}:"
+        return [PromptParts(f"Translate {src} to {tgt}:\n", s, f"\n{tgt}:") for s in sources]
 
     def preprocess(self, rows, tokenizer, data: DataSection, family: str, training: bool):
-        sources, targets = self.pairs(rows, data)
-        prefix = data.source_prefix or ""
-        sources = [prefix + s for s in sources]
+        targets = self.pairs(rows, data)[1]
         if family == DECODER_ONLY:
-            sources, targets = [self.prompt(s, data) for s in sources], [" " + t for t in targets]
-        return encode_pairs(sources, targets, tokenizer, family, data.max_source_length, data.max_target_length, training)
+            targets = [" " + t for t in targets]
+        return encode_pairs(self.prompts(rows, data, family), targets, tokenizer, family, data.max_source_length,
+                            data.max_target_length, training, source_name="source text")
 
     def collator(self, tokenizer: Any, family: str, decoder_inputs: Callable | None = None):
         return TextToTextCollator(tokenizer.pad_token_id, decoder_inputs)

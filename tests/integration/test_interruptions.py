@@ -21,14 +21,22 @@ from tests.conftest import ROOT, accelerate_launch, run_hftk, tiny_recipe, write
 
 FAULTS = str(ROOT / "tests" / "faults")
 # 64 rows / batch 4 = 16 micro-batches = 8 optimizer steps per epoch (accumulation 2); 20 steps
-# cross two epoch boundaries; a checkpoint every 3 steps.
-TRAIN = {"max_steps": 20, "logging_steps": 1, "save_steps": 3, "per_device_train_batch_size": 4,
+# cross two epoch boundaries; a checkpoint every 4 steps, so checkpoint-8 sits on the first boundary.
+TRAIN = {"max_steps": 20, "logging_steps": 1, "save_steps": 4, "per_device_train_batch_size": 4,
          "gradient_accumulation_steps": 2}
+# Each family with its own default dropout (0.1), as every pretrained checkpoint has it.
+MODELS = {
+    "t5": {"model_type": "t5", "d_model": 32, "d_kv": 8, "num_heads": 4, "d_ff": 64, "num_layers": 1,
+           "num_decoder_layers": 1},
+    "gpt2": {"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 4, "n_positions": 128},
+}
 
 
-def recipe_path(tmp_path: Path, name: str, **train) -> Path:
+def recipe_path(tmp_path: Path, name: str, family: str = "t5", **train) -> Path:
     settings = {**TRAIN, "output_dir": str(tmp_path / name), **train}
-    return write_recipe(tmp_path, tiny_recipe(tmp_path, train=settings), f"{name}.yaml")
+    recipe = tiny_recipe(tmp_path, train=settings)
+    recipe["model"]["config"] = MODELS[family]
+    return write_recipe(tmp_path, recipe, f"{name}.yaml")
 
 
 def losses(folder: Path) -> list[tuple[int, float]]:
@@ -41,35 +49,48 @@ def weights(folder: Path) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def unbroken(tmp_path_factory) -> Path:
-    tmp_path = tmp_path_factory.mktemp("unbroken")
-    result = run_hftk("finetune", str(recipe_path(tmp_path, "run")))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return tmp_path / "run"
+def unbroken(tmp_path_factory) -> dict[str, Path]:
+    """One uninterrupted run per family, without evaluation during training."""
+    runs = {}
+    for family in MODELS:
+        tmp_path = tmp_path_factory.mktemp(f"unbroken-{family}")
+        result = run_hftk("finetune", str(recipe_path(tmp_path, "run", family)))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[family] = tmp_path / "run"
+    return runs
 
 
-def resume(tmp_path: Path, name: str, launcher=None, env=None) -> subprocess.CompletedProcess:
-    result = run_hftk("finetune", str(recipe_path(tmp_path, name)), "train.resume_from_checkpoint=latest",
-                      launcher=launcher, env=env)
+def resume(tmp_path: Path, name: str, family: str = "t5", launcher=None, env=None, **train) -> subprocess.CompletedProcess:
+    result = run_hftk("finetune", str(recipe_path(tmp_path, name, family, **train)),
+                      "train.resume_from_checkpoint=latest", launcher=launcher, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
 
-@pytest.mark.parametrize(("fault", "what"), [
-    ("step:5", "mid-epoch 0, after the first checkpoint"),
-    ("step:11", "mid-epoch 1"),
-    ("micro:27", "inside an accumulation window"),
-    ("save:2", "during a checkpoint write"),
-])
-def test_sigkill_then_resume_is_bit_identical(fault, what, unbroken, tmp_path):
-    killed = run_hftk("finetune", str(recipe_path(tmp_path, "run")), env={"HFTK_FAULT": fault, "PYTHONPATH": FAULTS})
+KILLS = {
+    "step:6": ({}, "mid-epoch 0, after the first checkpoint"),
+    "step:9": ({}, "right after an epoch boundary (checkpoint-8 sits on it)"),
+    "micro:27": ({}, "inside an accumulation window"),
+    "save:2": ({}, "during a checkpoint write"),
+    "step:11": ({"eval_steps": 5}, "with evaluation during training on"),
+}
+CASES = [(family, fault) for family in MODELS for fault in KILLS
+         if family == "t5" or fault in ("step:6", "micro:27", "step:11")]
+
+
+@pytest.mark.parametrize(("family", "fault"), CASES)
+def test_sigkill_then_resume_is_bit_identical_with_dropout(family, fault, unbroken, tmp_path):
+    train, what = KILLS[fault]
+    killed = run_hftk("finetune", str(recipe_path(tmp_path, "run", family, **train)),
+                      env={"HFTK_FAULT": fault, "PYTHONPATH": FAULTS})
     assert killed.returncode == -signal.SIGKILL, f"{what}: the fault did not fire"
     if fault.startswith("save"):
         assert list((tmp_path / "run").glob(".checkpoint-*.partial")), "the write was cut off midway"
-    resumed = resume(tmp_path, "run")
+    resumed = resume(tmp_path, "run", family, **train)
     assert "resuming from" in resumed.stderr
-    assert weights(tmp_path / "run") == weights(unbroken), what
-    assert losses(tmp_path / "run") == losses(unbroken), what
+    # The unbroken run had no evaluation during training: evaluating must not change training either.
+    assert losses(tmp_path / "run") == losses(unbroken[family]), what
+    assert weights(tmp_path / "run") == weights(unbroken[family]), what
     assert not list((tmp_path / "run").glob(".checkpoint-*.partial"))
 
 
@@ -97,15 +118,16 @@ def test_sigterm_saves_exits_75_and_resumes_identically(unbroken, tmp_path):
     assert process.returncode == 75, stderr[-3000:]
     assert "hftk: stopped: received SIGTERM" in stderr and "resume_from_checkpoint=latest" in stderr
     stopped_at = max(json.loads((p / MANIFEST).read_text())["optimizer_step"] for p in (tmp_path / "run").glob("checkpoint-*"))
-    assert stopped_at % 3 != 0 or stopped_at >= 7  # the preemption checkpoint, not only the periodic ones
+    assert stopped_at % 4 != 0 or stopped_at >= 7  # the preemption checkpoint, not only the periodic ones
     resume(tmp_path, "run")
-    assert weights(tmp_path / "run") == weights(unbroken)
-    assert losses(tmp_path / "run") == losses(unbroken)
+    assert weights(tmp_path / "run") == weights(unbroken["t5"])
+    assert losses(tmp_path / "run") == losses(unbroken["t5"])
 
 
 def test_sigterm_under_two_process_launch(tmp_path):
+    # Same process count on both sides, so dropout stays on: each process restores its own generator.
     launcher = accelerate_launch("ddp.yaml")
-    env = {"ACCELERATE_USE_CPU": "true"}
+    env = {"ACCELERATE_USE_CPU": "false"}  # the GPU command line, run as is on a CPU
     straight = run_hftk("finetune", str(recipe_path(tmp_path, "straight")), launcher=launcher, env=env)
     assert straight.returncode == 0, straight.stderr[-3000:]
     process = _start(launcher + ["hftk", "finetune", str(recipe_path(tmp_path, "run"))], env)
@@ -121,8 +143,8 @@ def test_sigterm_under_two_process_launch(tmp_path):
 def test_a_dead_process_ends_the_others_quickly(tmp_path):
     launcher = accelerate_launch("ddp.yaml")
     started = time.time()
-    result = run_hftk("finetune", str(recipe_path(tmp_path, "run")), launcher=launcher, timeout=180,
-                      env={"ACCELERATE_USE_CPU": "true", "HFTK_FAULT": "step:4:1", "PYTHONPATH": FAULTS})
+    result = run_hftk("finetune", str(recipe_path(tmp_path, "run", save_steps=3)), launcher=launcher, timeout=180,
+                      env={"HFTK_FAULT": "step:4:1", "PYTHONPATH": FAULTS})
     assert result.returncode != 0
     assert time.time() - started < 120
     assert (tmp_path / "run" / "checkpoint-3" / MANIFEST).is_file()  # the last good checkpoint survives
@@ -146,7 +168,7 @@ def _digest(folder: Path) -> dict[str, str]:
 
 
 def test_full_disk_during_a_save_leaves_earlier_checkpoints_intact(tmp_path):
-    first = run_hftk("finetune", str(recipe_path(tmp_path, "run", max_steps=6)))
+    first = run_hftk("finetune", str(recipe_path(tmp_path, "run", max_steps=6, save_steps=3)))
     assert first.returncode == 0, first.stderr[-3000:]
     shutil.rmtree(tmp_path / "run" / "checkpoint-6")  # as if the run had been stopped after step 5
     before = _digest(tmp_path / "run" / "checkpoint-3")
@@ -156,7 +178,7 @@ def test_full_disk_during_a_save_leaves_earlier_checkpoints_intact(tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
 
-    command = [sys.executable, "-m", "hftk", "finetune", str(recipe_path(tmp_path, "run", max_steps=6)),
+    command = [sys.executable, "-m", "hftk", "finetune", str(recipe_path(tmp_path, "run", max_steps=6, save_steps=3)),
                "train.resume_from_checkpoint=latest"]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, preexec_fn=small_files, timeout=300,
                             check=False)

@@ -18,25 +18,18 @@ BATCH = 4  # per process: 2 processes x 4 == 1 process x 8
 # casts by ~1e-6 and ~6e-6; PowerSGD (rank 1, compressing from step 2) by ~2e-3 after 6 steps.
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-4, "bf16": 1e-4, "powersgd": 1e-2}
 
-# config file, ACCELERATE_USE_CPU (DeepSpeed must not have it: it would silently become DDP)
-STRATEGIES = {
-    "ddp": ("ddp.yaml", True),
-    "zero1": ("zero1.yaml", False),
-    "zero2": ("zero2.yaml", False),
-    "zero3": ("zero3.yaml", False),
-    "zero3_offload": ("zero3_offload.yaml", False),
-    "fsdp": ("fsdp.yaml", True),
-    "fsdp_shard_grad_op": ("fsdp_shard_grad_op.yaml", True),
-}
+# Launched exactly as on a GPU machine: no ACCELERATE_USE_CPU, hftk runs them over Gloo by itself.
+STRATEGIES = {name: f"{name}.yaml" for name in
+              ("ddp", "zero1", "zero2", "zero3", "zero3_offload", "fsdp", "fsdp_shard_grad_op")}
 
 
 # Resumed too: one of each checkpoint format (Accelerate's, DeepSpeed's ZeRO shards, FSDP's DCP shards).
 RESUMED = {"ddp", "zero2", "zero3", "fsdp"}
 
 
-def launcher(config: str, use_cpu: bool) -> tuple[list[str], dict]:
-    env = {"ACCELERATE_USE_CPU": "true" if use_cpu else "false"}
-    return accelerate_launch(config), env
+def launcher(config: str | None, *flags: str) -> tuple[list[str], dict]:
+    """The GPU command line, unchanged; ACCELERATE_USE_CPU is turned off in case the caller's shell has it."""
+    return accelerate_launch(config, *flags), {"ACCELERATE_USE_CPU": "false"}
 
 
 def recipe_file(tmp_path: Path, name: str, batch: int, **train) -> Path:
@@ -79,8 +72,7 @@ def max_weight_difference(a: Path, b: Path) -> float:
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_two_processes_equal_one(name, reference, tmp_path):
-    config, use_cpu = STRATEGIES[name]
-    command, env = launcher(config, use_cpu)
+    command, env = launcher(STRATEGIES[name])
     run = run_hftk("finetune", str(recipe_file(tmp_path, name, BATCH)), launcher=command, env=env)
     assert run.returncode == 0, run.stderr[-4000:]
     folder = tmp_path / name
@@ -112,7 +104,7 @@ def test_two_processes_equal_one(name, reference, tmp_path):
 
 @pytest.mark.parametrize("hook", ["fp16", "bf16", "powersgd"])
 def test_communication_hooks_stay_close_to_one_process(hook, reference, tmp_path):
-    command, env = launcher("ddp.yaml", use_cpu=True)
+    command, env = launcher("ddp.yaml")
     path = recipe_file(tmp_path, hook, BATCH)
     run = run_hftk("finetune", str(path), f"parallel.comm_hook={hook}", "parallel.powersgd_start_iter=2",
                    launcher=command, env=env)
@@ -129,26 +121,44 @@ def test_gradient_accumulation_equals_the_larger_batch(reference, tmp_path):
     assert_close_losses(losses(tmp_path / "accumulated"), losses(reference), 1e-5)
 
 
-def test_unsynchronised_launch_is_refused(tmp_path):
-    # --multi_gpu on a CPU without ACCELERATE_USE_CPU starts processes that never talk to each other.
-    command = accelerate_launch(None, "--multi_gpu", "--num_processes", "2")
-    run = run_hftk("finetune", str(recipe_file(tmp_path, "unsync", BATCH)), launcher=command,
-                   env={"ACCELERATE_USE_CPU": "false"})
-    assert run.returncode != 0
-    assert "hftk: error:" in run.stderr and "not synchronised" in run.stderr
-    assert not (tmp_path / "unsync").exists()
+@pytest.mark.parametrize("flags", [("--multi_gpu", "--num_processes", "2"), ()])
+def test_launch_lines_without_a_config_run_here(flags, reference, tmp_path):
+    """`accelerate launch --multi_gpu ...` (the GPU line) runs 2 Gloo processes on a CPU, and
+    `accelerate launch -m hftk ...` with no config at all runs one process, like `hftk finetune`."""
+    command, env = launcher(None, *flags)
+    env["HF_HOME"] = str(tmp_path / "hf_home")  # no default accelerate config from the machine
+    processes = 2 if flags else 1
+    run = run_hftk("finetune", str(recipe_file(tmp_path, "plain", 2 * BATCH // processes)), launcher=command, env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert f"on {processes} process(es)" in run.stderr
+    assert_close_losses(losses(tmp_path / "plain"), losses(reference), TOLERANCE["fp32"])
 
 
-@pytest.mark.parametrize(("launch", "overrides", "message"), [
-    (None, ["parallel.comm_hook=fp16"], "compresses DDP gradients"),
-    (("zero2.yaml", True), [], "ACCELERATE_USE_CPU=true turns a DeepSpeed config into plain DDP"),
-    (("fsdp.yaml", False), [], "Accelerate's FSDP needs GPUs"),
+def hftk_lines_come_first(stderr: str) -> list[str]:
+    """hftk's refusal is the first thing printed and its only line; what follows is the launcher's report."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    ours = [line for line in lines if line.startswith("hftk:")]
+    assert len(ours) == 1 and lines[0] == ours[0], stderr[-3000:]
+    return ours
+
+
+@pytest.mark.parametrize(("config", "env", "overrides", "message"), [
+    (None, {}, ["parallel.comm_hook=fp16"], "compresses DDP gradients"),
+    ("zero2.yaml", {"ACCELERATE_USE_CPU": "true"}, [], "ACCELERATE_USE_CPU=true turns a DeepSpeed config into plain DDP"),
+    ("ddp.yaml", {"ACCELERATE_MIXED_PRECISION": "fp16"}, [], "fp16 cannot run on a CPU"),
+    ("fsdp.yaml", {}, ["parallel.comm_hook=bf16"], "compresses DDP gradients"),
 ])
-def test_strategies_that_cannot_run_here_exit_2(launch, overrides, message, tmp_path):
-    command, env = launcher(*launch) if launch else (None, {})
-    run = run_hftk("finetune", str(recipe_file(tmp_path, "refused", BATCH)), *overrides, launcher=command, env=env)
+def test_strategies_that_cannot_run_here_exit_2(config, env, overrides, message, tmp_path):
+    command, base_env = launcher(config) if config else (None, {})
+    run = run_hftk("finetune", str(recipe_file(tmp_path, "refused", BATCH)), *overrides, launcher=command,
+                   env={**base_env, **env})
     assert run.returncode != 0
-    assert message in run.stderr
+    if config:
+        [line] = hftk_lines_come_first(run.stderr)
+    else:
+        [line] = run.stderr.strip().splitlines()
+        assert run.returncode == 2
+    assert line.startswith("hftk: error:") and message in line
     assert not (tmp_path / "refused").exists()
 
 

@@ -56,8 +56,8 @@ def test_translation_needs_languages_present_in_rows():
     task = get_task("translation")
     with pytest.raises(UserError, match="source_lang and data.target_lang"):
         task.columns(data())
-    with pytest.raises(UserError, match="has no language 'de'"):
-        task.check_rows(WMT, data(source_lang="en", target_lang="de"), "data.train")
+    problems = task.row_problems(WMT, data(source_lang="en", target_lang="de"))
+    assert problems[0] == "'translation' has no language 'de' (it has: en, fr)"
 
 
 def test_translation_prompt_for_decoder_only(tokenizers):
@@ -135,8 +135,7 @@ def test_extractive_qa_repairs_rows_and_reports(caplog):
 
 def test_answers_must_have_the_squad_shape():
     bad = dict(QA, answers=[{"text": "Ana Costa", "answer_start": 11}] * 2)
-    with pytest.raises(UserError, match="SQuAD shape"):
-        get_task("extractive_qa").check_rows(bad, data(), "data.train")
+    assert all("SQuAD shape" in p for p in get_task("extractive_qa").row_problems(bad, data()))
 
 
 def test_nested_squad_file_flattens(tmp_path):
@@ -172,10 +171,11 @@ def test_dialogue_loss_only_on_assistant_turns(tokenizers):
 
 def test_dialogue_rows_need_roles():
     task = get_task("dialogue")
-    with pytest.raises(UserError, match="every message needs a role"):
-        task.check_rows({"messages": [[{"speaker": "user", "content": "hi"}]]}, data(), "data.train")
-    with pytest.raises(UserError, match="must end with an assistant turn"):
-        task.check_rows({"messages": [[{"role": "user", "content": "hi"}]]}, data(), "data.train")
+    [no_role] = task.row_problems({"messages": [[{"speaker": "user", "content": "hi"}]]}, data())
+    assert no_role.startswith("every message needs a role")
+    ends_with_user = [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "bye"}]
+    [not_last] = task.row_problems({"messages": [ends_with_user]}, data())
+    assert "must end with an assistant turn" in not_last
 
 
 def test_dialogue_encoder_decoder_history(tokenizers):
@@ -195,3 +195,63 @@ def test_text_blocks_are_whole_and_joined_with_eos(tokenizers):
     assert features["labels"] == features["input_ids"]
     assert any(tok.eos_token_id in b for b in features["input_ids"])
     assert features[EXAMPLE_INDEX][0] == 0 and features[EXAMPLE_INDEX] == sorted(features[EXAMPLE_INDEX])
+
+
+# --- row checks ----------------------------------------------------------------------------------
+
+GOOD_CHAT = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+GOOD_ANSWERS = {"text": ["Ana"], "answer_start": [0]}
+
+# task, recipe data keys, rows (one column dict), the problem of each row (None: good)
+ROW_CASES = {
+    "summarization": ("summarization", {}, {"document": ["a doc", None, "a doc", 3, "a doc"],
+                                            "summary": ["a sum", "a sum", None, "a sum", ["a", "list"]]},
+                      [None, "'document' is missing or null", "'summary' is missing or null",
+                       "column 'document' must hold text, found int", "column 'summary' must hold text, found list"]),
+    "translation wmt": ("translation", {"source_lang": "en", "target_lang": "fr"},
+                        {"translation": [{"en": "a", "fr": "b"}, {"en": "a", "fr": None}, None, "en: a",
+                                         {"en": 5, "fr": "b"}]},
+                        [None, "'translation' has no language 'fr' (it has: en)", "'translation' is missing or null",
+                         "column 'translation' must hold {language: text} objects, found str",
+                         "column 'translation.en' must hold text, found int"]),
+    "translation columns": ("translation", {"source_column": "en", "target_column": "fr"},
+                            {"en": ["a", "a", None], "fr": ["b", 2.5, "b"]},
+                            [None, "column 'fr' must hold text, found float", "'en' is missing or null"]),
+    "extractive qa": ("extractive_qa", {}, {"question": ["q?", "q?", None, "q?"], "context": ["Ana", "Ana", "Ana", 7],
+                                            "answers": [GOOD_ANSWERS, {"text": ["Ana"], "answer_start": ["0"]},
+                                                        GOOD_ANSWERS, GOOD_ANSWERS]},
+                      [None, "column 'answers' must be in the SQuAD shape", "'question' is missing or null",
+                       "column 'context' must hold text, found int"]),
+    "generative qa": ("generative_qa", {}, {"question": ["q?", "q?"], "context": ["Ana", "Ana"],
+                                            "answers": [{"text": [], "answer_start": []}, None]},
+                      [None, "'answers' is missing or null"]),
+    "dialogue": ("dialogue", {}, {"messages": [GOOD_CHAT, [], None, [{"role": "user", "content": "Hi?"}],
+                                               [{"role": "user", "content": None}, GOOD_CHAT[1]]]},
+                 [None, "a conversation with no messages", "'messages' is missing or null", "no assistant turn",
+                  "every message needs a role"]),
+    "text generation": ("text_generation", {}, {"text": ["some text", "", None, {"a": 1}]},
+                        [None, None, "'text' is missing or null", "column 'text' must hold text, found dict"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROW_CASES))
+def test_row_problems_name_each_bad_row(case):
+    name, keys, rows, expected = ROW_CASES[case]
+    problems = get_task(name).row_problems(rows, data(**keys))
+    assert len(problems) == len(expected)
+    for problem, wanted in zip(problems, expected):
+        assert (problem is None) if wanted is None else (problem is not None and problem.startswith(wanted)), problems
+
+
+def test_blank_or_unreadable_sources_are_not_sources():
+    section = data()
+    assert get_task("summarization").has_source({"document": ["", " \n", None, "x"], "summary": ["a"] * 4},
+                                                section) == [False, False, False, True]
+    wmt = {"translation": [{"en": " ", "fr": "b"}, None, {"en": "a", "fr": ""}]}
+    assert get_task("translation").has_source(wmt, data(source_lang="en", target_lang="fr")) == [False, False, True]
+    qa = {"question": ["q?", "q?"], "context": ["", "Ana"], "answers": [GOOD_ANSWERS] * 2}
+    assert get_task("generative_qa").has_source(qa, section) == [False, True]
+    chats = {"messages": [[{"role": "assistant", "content": " "}], None, GOOD_CHAT]}
+    assert get_task("dialogue").has_source(chats, section) == [False, False, True]
+    assert get_task("text_generation").has_source({"text": ["\t", 3, "x"]}, section) == [False, False, True]
+    assert get_task("extractive_qa").source_label(section) == "'context'"

@@ -1,0 +1,92 @@
+"""Evaluation of a split (during training and by `hftk eval`), predictions and samples."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from hftk.errors import UserError
+from hftk.prepare import Plan, eval_loader, make_accelerator, plan_inputs, tokenized
+from hftk.recipe import Recipe
+from hftk.tasks.base import ENCODER_ONLY
+
+
+def evaluate_split(plan: Plan, accelerator: Any, model: Any, tokenizer: Any, key: str,
+                   loader: Any) -> tuple[dict[str, float], list[dict]]:
+    from hftk.train.evaluation import run_evaluation
+
+    recipe, task = plan.recipe, plan.task
+    raw = plan.splits[key]
+    rows = raw[:]
+    loss, by_index = run_evaluation(accelerator, model, loader, tokenizer, task, plan.encoding.family, recipe.eval,
+                                    rows, recipe.data)
+    results = {"eval_loss": loss}
+    if plan.encoding.family != ENCODER_ONLY:
+        results["eval_perplexity"] = math.exp(min(loss, 50.0))  # capped: exp overflows past ~700
+    predictions = []
+    if by_index:
+        references = task.references(rows, recipe.data)
+        order = range(len(raw))
+        texts = [by_index.get(i, "") for i in order]  # an example with no prediction scores as empty
+        scores = task.compute_metrics(texts, references, recipe.eval.metric_source)
+        results.update({f"eval_{k}": v for k, v in scores.items()})
+        id_column = recipe.data.id_column or "id"
+        ids = rows[id_column] if id_column in rows else list(order)
+        predictions = [{"id": ids[i], "prediction": texts[i], "reference": references[i]} for i in order]
+    results["eval_samples"] = len(raw)
+    return results, predictions
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def sample_continuations(model: Any, tokenizer: Any, prompts: list[str], settings: Any, temperature: float) -> list[dict]:
+    """Sampled continuations of free prompts (top-p 0.95), for a look at what a model writes."""
+    import torch
+
+    samples = []
+    for prompt in prompts:
+        inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+        with torch.no_grad():
+            output = model.generate(**inputs, do_sample=True, top_p=0.95, temperature=temperature,
+                                    max_new_tokens=settings.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        if not model.config.is_encoder_decoder:
+            output = output[:, inputs["input_ids"].shape[1]:]
+        samples.append({"prompt": prompt, "continuation": tokenizer.decode(output[0], skip_special_tokens=True)})
+    return samples
+
+
+def evaluate_saved(recipe: Recipe, model_dir: str | None, split: str, output_dir: str | None,
+                   prompts: list[str] | None = None, temperature: float = 0.8) -> dict[str, Any]:
+    import transformers
+
+    from hftk.tokenizer import with_pad_token
+
+    model_dir = model_dir or recipe.train.output_dir
+    if not (Path(model_dir) / "config.json").is_file():
+        raise UserError(f"--model: {model_dir} holds no saved model (no config.json)")
+    if getattr(recipe.data, split, None) is None:
+        raise UserError(f"--split: the recipe has no data.{split}")
+    plan = plan_inputs(recipe, [split], model_dir=model_dir)
+    accelerator = make_accelerator(recipe.train)
+    tokenizer = with_pad_token(transformers.AutoTokenizer.from_pretrained(model_dir))
+    model = getattr(transformers, plan.encoding.auto_class).from_pretrained(model_dir)
+    model = accelerator.prepare(model)
+    loader = eval_loader(plan, accelerator, model, tokenizer, tokenized(plan, accelerator, tokenizer, split, False))
+    results, rows = evaluate_split(plan, accelerator, model, tokenizer, split, loader)
+    target = Path(output_dir or model_dir)
+    if accelerator.is_main_process:
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "eval_results.json").write_text(json.dumps(results, indent=2))
+        write_jsonl(target / "predictions.jsonl", rows)
+        if prompts:
+            write_jsonl(target / "samples.jsonl", sample_continuations(
+                accelerator.unwrap_model(model), tokenizer, prompts, recipe.eval, temperature))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results

@@ -1,0 +1,105 @@
+"""What every command assembles from a checked recipe: the input checks (the plan), the
+accelerator, the tokenizer and the loaders. Nothing here trains or writes a run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from hftk import data, metrics, models, parallel
+from hftk.recipe import Recipe, TrainSection
+from hftk.tasks import get_task
+from hftk.tasks.base import Encoding, Task
+from hftk.tracking import setup_logging
+
+
+@dataclass
+class Plan:
+    """Everything learned from the inputs before any model is loaded."""
+
+    recipe: Recipe
+    task: Task
+    config: Any
+    encoding: Encoding
+    splits: dict[str, datasets.Dataset]
+    resume_from: Path | None = None
+    train_digest: str | None = None  # what the training rows were, kept in every checkpoint
+
+
+def plan_inputs(recipe: Recipe, split_keys: list[str], model_dir: str | None = None) -> Plan:
+    task = get_task(recipe.task)
+    metrics.check_metric_source(recipe.eval.metric_source)
+    splits = data.load_checked(task, recipe.data, split_keys)
+    model_section = recipe.model if model_dir is None else recipe.model.model_copy(
+        update={"name_or_path": model_dir, "config": None, "tokenizer": None})
+    config = models.resolve_config(model_section)
+    encoding = models.pick_encoding(task, config)
+    models.check_lengths(config, encoding.family, recipe.data.max_source_length, recipe.data.max_target_length)
+    return Plan(recipe, task, config, encoding, splits)
+
+
+def make_accelerator(settings: TrainSection):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    parallel.launch_problems()
+    accelerator = Accelerator(cpu=parallel.cpu_processes(), dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+                              kwargs_handlers=parallel.process_group_kwargs(settings.ddp_timeout))
+    parallel.check_world(accelerator)
+    set_seed(settings.seed)
+    setup_logging(accelerator.is_main_process)
+    return accelerator
+
+
+def build_tokenizer(plan: Plan, accelerator: Any) -> Any:
+    tokenizer = _raw_tokenizer(plan, accelerator)
+    if hasattr(plan.task, "prepare_tokenizer"):  # e.g. a chat template for dialogue
+        tokenizer = plan.task.prepare_tokenizer(tokenizer)
+    return tokenizer
+
+
+def _raw_tokenizer(plan: Plan, accelerator: Any) -> Any:
+    from hftk import tokenizer as tok
+
+    spec = plan.recipe.model.tokenizer
+    if spec is None or spec.train is None:
+        return tok.load_tokenizer(plan.recipe.model)
+    train = plan.splits["train"]
+    key = tok.training_key(spec.train, plan.encoding.family, train._fingerprint)
+    rows = train if spec.train.max_texts is None else train.select(range(min(spec.train.max_texts, len(train))))
+    texts = (t for start in range(0, len(rows), 1000)
+             for t in plan.task.texts(rows[start:start + 1000], plan.recipe.data) if t)
+    with accelerator.main_process_first():
+        return tok.trained_tokenizer(texts, spec.train, plan.encoding.family, key, accelerator.is_main_process)
+
+
+def make_loader(dataset: datasets.Dataset, collator: Any, batch_size: int, shuffle: bool, seed: int, workers: int = 0):
+    """A loader with a generator of its own. Without one, every new iterator (each epoch, each
+    evaluation, the resumed loader) draws its worker base seed from the global generator, which
+    dropout also draws from: evaluation would change training, and a resume would shift every mask."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collator, num_workers=workers,
+                      generator=generator)
+
+
+def tokenized(plan: Plan, accelerator: Any, tokenizer: Any, key: str, training: bool) -> datasets.Dataset:
+    with accelerator.main_process_first():
+        return data.tokenize(plan.splits[key], plan.task, tokenizer, plan.recipe.data, plan.encoding.family, training,
+                             split=key)
+
+
+def decoder_inputs_for(model: Any) -> Any:
+    return getattr(model, "prepare_decoder_input_ids_from_labels", None)
+
+
+def eval_loader(plan: Plan, accelerator: Any, model: Any, tokenizer: Any, features: datasets.Dataset) -> Any:
+    """Prepared once per run: every prepare() call adds a loader Accelerate keeps for good."""
+    collator = plan.task.collator(tokenizer, plan.encoding.family, decoder_inputs_for(accelerator.unwrap_model(model)))
+    return accelerator.prepare(make_loader(features, collator, plan.recipe.eval.per_device_eval_batch_size,
+                                           shuffle=False, seed=plan.recipe.train.seed))

@@ -1,0 +1,114 @@
+"""Who wrote what in train.output_dir: hftk deletes or rewrites only entries it wrote itself.
+
+The run's manifest (hftk_run.json), written before anything else, lists the entries that were in the
+folder when the run started; every later entry with a name hftk writes is the run's, even when a
+crash stopped the run mid-write. A user's own files (data, notes) are never touched: not by
+train.overwrite_output_dir, not by a resume. An entry hftk would write but did not (a user's
+README.md, config.json) stops the run before it starts.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import shutil
+from pathlib import Path
+
+from hftk.errors import UserError
+
+RUN_MANIFEST = "hftk_run.json"
+
+# Every top-level name a run, `hftk eval` or a later hftk version may write into output_dir.
+OUTPUT_PATTERNS = (
+    RUN_MANIFEST, f".{RUN_MANIFEST}.partial", "recipe.yaml", "metrics.jsonl", "predictions.jsonl", "all_results.json", "eval_results.json",
+    "README.md", "samples.jsonl", "train.log", "training_curves.png", "checkpoint-*", ".checkpoint-*",
+    "config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+    "pytorch_model*.bin", "tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "spiece.model",
+    "sentencepiece*.model", "chat_template.*", "added_tokens.json", "adapter_*", "merged", "runs", "eval",
+)
+
+
+def is_output_name(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in OUTPUT_PATTERNS)
+
+
+def read(output_dir: Path) -> dict | None:
+    try:
+        manifest = json.loads((Path(output_dir) / RUN_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _legacy_run(output_dir: Path) -> bool:
+    """A run folder written before the manifest existed: it holds an hftk checkpoint or results."""
+    from hftk.checkpoint import complete_checkpoints
+
+    return bool(complete_checkpoints(output_dir)) or (output_dir / "all_results.json").is_file()
+
+
+def written(output_dir: Path) -> set[str]:
+    """Top-level entries hftk wrote in output_dir."""
+    output_dir = Path(output_dir)
+    manifest = read(output_dir)
+    if manifest is not None:
+        users = set(manifest.get("user_entries", []))
+        return {name for name in entries(output_dir) if is_output_name(name) and name not in users}
+    if output_dir.is_dir() and _legacy_run(output_dir):
+        return {name for name in entries(output_dir) if is_output_name(name) and name != "README.md"}
+    return set()
+
+
+def entries(output_dir: Path) -> set[str]:
+    output_dir = Path(output_dir)
+    return {p.name for p in output_dir.iterdir()} if output_dir.is_dir() else set()
+
+
+def holds_run(output_dir: Path) -> bool:
+    return bool(written(output_dir) & entries(output_dir))
+
+
+def finished(output_dir: Path) -> bool:
+    manifest = read(output_dir)
+    if manifest is not None:
+        return bool(manifest.get("finished"))
+    return (Path(output_dir) / "all_results.json").is_file()
+
+
+def check_no_collisions(output_dir: Path) -> None:
+    """Refuse before anything is written when a user's file sits where hftk would write one."""
+    output_dir = Path(output_dir)
+    clashes = sorted(name for name in entries(output_dir) - written(output_dir) if is_output_name(name))
+    if clashes:
+        shown = ", ".join(clashes[:5]) + (f" and {len(clashes) - 5} more" if len(clashes) > 5 else "")
+        raise UserError(f"train.output_dir: {output_dir} holds {shown}, which hftk did not write and would "
+                        f"overwrite; move {'them' if len(clashes) > 1 else 'it'} or choose another output_dir")
+
+
+def clear_previous(output_dir: Path) -> None:
+    """train.overwrite_output_dir: remove what the earlier run wrote, nothing else."""
+    output_dir = Path(output_dir)
+    for name in sorted(written(output_dir) & entries(output_dir)):
+        path = output_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def start(output_dir: Path) -> None:
+    """Claim the folder before the first write: what is here now and not hftk's is the user's."""
+    output_dir = Path(output_dir)
+    users = sorted(entries(output_dir) - written(output_dir))
+    _write(output_dir, {"user_entries": users, "finished": False})
+
+
+def mark_finished(output_dir: Path) -> None:
+    _write(output_dir, {**(read(output_dir) or {}), "finished": True})
+
+
+def _write(output_dir: Path, manifest: dict) -> None:
+    partial = Path(output_dir) / f".{RUN_MANIFEST}.partial"
+    partial.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(partial, Path(output_dir) / RUN_MANIFEST)
