@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from hftk.checkpoint import MANIFEST
+from hftk.run_dir import RUN_MANIFEST
 from tests.conftest import ROOT, accelerate_launch, run_hftk, tiny_recipe, write_recipe
 
 FAULTS = str(ROOT / "tests" / "faults")
@@ -171,6 +172,8 @@ def test_full_disk_during_a_save_leaves_earlier_checkpoints_intact(tmp_path):
     first = run_hftk("finetune", str(recipe_path(tmp_path, "run", max_steps=6, save_steps=3)))
     assert first.returncode == 0, first.stderr[-3000:]
     shutil.rmtree(tmp_path / "run" / "checkpoint-6")  # as if the run had been stopped after step 5
+    manifest = tmp_path / "run" / RUN_MANIFEST
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "finished": False}))
     before = _digest(tmp_path / "run" / "checkpoint-3")
     size = (tmp_path / "run" / "checkpoint-3" / "model.safetensors").stat().st_size
 
@@ -189,9 +192,10 @@ def test_full_disk_during_a_save_leaves_earlier_checkpoints_intact(tmp_path):
 
 
 def test_resume_with_other_training_settings_is_refused(tmp_path):
-    first = run_hftk("finetune", str(recipe_path(tmp_path, "run", max_steps=3)))
-    assert first.returncode == 0
-    result = run_hftk("finetune", str(recipe_path(tmp_path, "run", max_steps=3)), "train.resume_from_checkpoint=latest",
+    first = run_hftk("finetune", str(recipe_path(tmp_path, "run", max_steps=6)),
+                     env={"HFTK_FAULT": "step:5", "PYTHONPATH": FAULTS})
+    assert first.returncode == -signal.SIGKILL  # stopped after checkpoint-4
+    result = run_hftk("finetune", str(recipe_path(tmp_path, "run", max_steps=6)), "train.resume_from_checkpoint=latest",
                       "train.learning_rate=0.5", "train.logging_steps=7")
     assert result.returncode == 2
     assert "train.learning_rate (0.001 -> 0.5)" in result.stderr and "logging_steps" not in result.stderr

@@ -142,14 +142,14 @@ def hftk_lines_come_first(stderr: str) -> list[str]:
     return ours
 
 
-@pytest.mark.parametrize(("config", "env", "overrides", "message"), [
-    (None, {}, ["parallel.comm_hook=fp16"], "compresses DDP gradients"),
-    ("zero2.yaml", {"ACCELERATE_USE_CPU": "true"}, [], "ACCELERATE_USE_CPU=true turns a DeepSpeed config into plain DDP"),
-    ("ddp.yaml", {"ACCELERATE_MIXED_PRECISION": "fp16"}, [], "fp16 cannot run on a CPU"),
-    ("fsdp.yaml", {}, ["parallel.comm_hook=bf16"], "compresses DDP gradients"),
+@pytest.mark.parametrize(("config", "flags", "env", "overrides", "message"), [
+    (None, (), {}, ["parallel.comm_hook=fp16"], "compresses DDP gradients"),
+    ("zero2.yaml", (), {"ACCELERATE_USE_CPU": "true"}, [], "ACCELERATE_USE_CPU=true turns a DeepSpeed config into plain DDP"),
+    ("ddp.yaml", ("--mixed_precision", "fp16"), {}, [], "fp16 cannot run on a CPU"),
+    ("fsdp.yaml", (), {}, ["parallel.comm_hook=bf16"], "compresses DDP gradients"),
 ])
-def test_strategies_that_cannot_run_here_exit_2(config, env, overrides, message, tmp_path):
-    command, base_env = launcher(config) if config else (None, {})
+def test_strategies_that_cannot_run_here_exit_2(config, flags, env, overrides, message, tmp_path):
+    command, base_env = launcher(config, *flags) if config else (None, {})
     run = run_hftk("finetune", str(recipe_file(tmp_path, "refused", BATCH)), *overrides, launcher=command,
                    env={**base_env, **env})
     assert run.returncode != 0

@@ -87,3 +87,17 @@ def test_rerun_refuses_and_leaves_the_run_untouched(trained):
     assert result.returncode == 2
     assert "already holds a run" in result.stderr and "resume_from_checkpoint=latest" in result.stderr
     assert _digest(trained) == before
+
+
+def test_decoder_only_summarizes_at_least_as_well(trained, tmp_path):
+    """The decoder-only recipe, with whole prompts and its family's dropout, reaches at least the
+    encoder-decoder recipe's ROUGE-L after the same 2 epochs."""
+    out = tmp_path / "gpt2"
+    result = run_hftk("finetune", str(ROOT / "recipes/summarize_gpt2.yaml"), f"train.output_dir={out}",
+                      "train.num_train_epochs=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _results(out)["eval_rougeL"] >= _results(trained)["eval_rougeL"]
+    from tests.integration.test_tasks_learn import _reloads
+
+    _reloads(out)
+
