@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import ROOT, run_hftk
 
 RECIPE = str(ROOT / "recipes/summarize.yaml")
-# Measured: ROUGE-L 0.87 after the recipe's 4 epochs, 0.71 after the 2 run here; untrained: ~0.
+# Measured: ROUGE-L 0.64 after the 2 epochs run here with T5's dropout 0.1 (0.71 without); untrained: ~0.
 ROUGE_L_THRESHOLD = 0.5
 
 
