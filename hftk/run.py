@@ -174,8 +174,10 @@ def finish(plan: Plan, parts: Any, strategy: Any, tokenizer: Any, train_results:
             base = models.build_model(recipe.model, models.resolve_config(recipe.model), plan.encoding, tokenizer)
             log.info(f"merged model saved in {adapters.save_merged(output_dir, base, tokenizer)}")
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
+        sources = [source.path for source in (recipe.data.train, recipe.data.validation) if source is not None]
         write_model_card(output_dir, recipe.task, recipe.dump_yaml(), results, recipe.model.name_or_path,
-                         plan.encoding.auto_class)
+                         plan.encoding.auto_class, adapter=plan.adapter is not None, datasets=sources,
+                         eval_dataset=recipe.data.validation and recipe.data.validation.path)
         run_dir.mark_finished(output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
