@@ -150,5 +150,33 @@ def push_run(run_dir: Path, repo_id: str, private: bool, token: str | None, api:
     return str(url)
 
 
+def check_push(settings: Any) -> None:
+    """hub.push: refuse before training what could only fail after it (offline, no token)."""
+    if settings is None or not settings.push:
+        return
+    from huggingface_hub import constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"hub.push: HF_HUB_OFFLINE is set, so {settings.repo_id} cannot be pushed to; unset it or "
+                        f"set hub.push=false (and run `hftk push` later)")
+    if get_token() is None:
+        raise UserError("hub.push: no Hugging Face token found; run `hf auth login` or set HF_TOKEN")
+
+
+def push_finished_run(settings: Any, output_dir: Path, api: Any = None) -> str | None:
+    """The recipe's hub section after training (main process only); None when it asks for no push."""
+    if settings is None or not settings.push:
+        return None
+    from huggingface_hub import get_token
+
+    from hftk.errors import RunError
+
+    try:
+        return push_run(output_dir, settings.repo_id, settings.private, token=get_token(), api=api)
+    except UserError as err:  # the run itself is saved: not bad input any more
+        raise RunError(f"{err}; the run is saved in {output_dir}: `hftk push {output_dir} --repo-id "
+                       f"{settings.repo_id}` uploads it later") from None
+
+
 def read_results(run_dir: Path) -> dict[str, Any]:
     return json.loads((Path(run_dir) / "all_results.json").read_text())

@@ -10,10 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hftk import adapters, checkpoint, models, parallel, run_dir
+from hftk import adapters, checkpoint, hub, models, parallel, run_dir
 from hftk.errors import RunError, UserError
 from hftk.evaluate import evaluate_split, write_jsonl
-from hftk.hub import write_model_card
 from hftk.prepare import (
     Plan,
     build_tokenizer,
@@ -50,6 +49,7 @@ def plan_finetune(recipe: Recipe) -> Plan:
         checkpoint.check_compatible(resume_from, recipe, plan.train_digest)
     plan.resume_from = resume_from
     plan.adapter = adapters.plan_adapter(recipe.lora, plan.config, plan.encoding.auto_class)
+    hub.check_push(recipe.hub)
     return plan
 
 
@@ -175,10 +175,14 @@ def finish(plan: Plan, parts: Any, strategy: Any, tokenizer: Any, train_results:
             log.info(f"merged model saved in {adapters.save_merged(output_dir, base, tokenizer)}")
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
         sources = [source.path for source in (recipe.data.train, recipe.data.validation) if source is not None]
-        write_model_card(output_dir, recipe.task, recipe.dump_yaml(), results, recipe.model.name_or_path,
+        hub.write_model_card(output_dir, recipe.task, recipe.dump_yaml(), results, recipe.model.name_or_path,
                          plan.encoding.auto_class, adapter=plan.adapter is not None, datasets=sources,
-                         eval_dataset=recipe.data.validation and recipe.data.validation.path)
+                         eval_dataset=recipe.data.validation and recipe.data.validation.path,
+                         model_ref=recipe.hub.repo_id if recipe.hub and recipe.hub.push else None)
         run_dir.mark_finished(output_dir)
+        url = hub.push_finished_run(recipe.hub, output_dir)
+        if url:
+            log.info(f"pushed to {url}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results

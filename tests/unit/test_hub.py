@@ -104,3 +104,55 @@ def test_usage_snippet_is_python_without_pipelines(auto_class, task, adapter):
     code = usage_snippet(auto_class, "me/tiny", adapter, task)
     compile(code, "snippet", "exec")
     assert "pipeline" not in code and ("peft" in code) == adapter
+
+
+def hub_settings(**values):
+    from hftk.recipe import HubSection
+
+    return HubSection(**{"push": True, "repo_id": "me/tiny", **values})
+
+
+def test_hub_section_pushes_the_finished_run(tmp_path, monkeypatch):
+    from hftk.hub import push_finished_run
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    api = RecordingApi()
+    assert push_finished_run(hub_settings(private=True), finished_run(tmp_path), api=api) == "https://huggingface.co/me/tiny"
+    (_, repo, create), (_, _, upload) = api.calls
+    assert repo == "me/tiny" and create == {"private": True, "exist_ok": True}
+    assert upload["folder_path"] == str(tmp_path / "run") and "checkpoint-*" in upload["ignore_patterns"]
+    assert push_finished_run(hub_settings(push=False), tmp_path / "run", api=api) is None and len(api.calls) == 2
+
+
+def test_hub_push_needs_the_network_and_a_token(monkeypatch):
+    from huggingface_hub import constants
+
+    from hftk.hub import check_push
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UserError, match="hub.push: HF_HUB_OFFLINE is set"):
+        check_push(hub_settings())
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    with pytest.raises(UserError, match="hub.push: no Hugging Face token"):
+        check_push(hub_settings())
+    check_push(hub_settings(push=False))  # nothing to push: nothing to check
+
+
+def test_hub_push_offline_stops_finetune_before_writing(tmp_path):
+    from tests.conftest import run_hftk, tiny_recipe, write_recipe
+
+    recipe = tiny_recipe(tmp_path)
+    recipe["hub"] = {"push": True, "repo_id": "me/tiny"}
+    result = run_hftk("finetune", str(write_recipe(tmp_path, recipe)), env={"HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "hub.push" in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_hub_section_needs_a_repo_id():
+    from hftk.recipe import HubSection
+
+    with pytest.raises(ValueError, match="hub.push needs hub.repo_id"):
+        HubSection(push=True)
+    with pytest.raises(ValueError, match="USER/NAME"):
+        HubSection(repo_id="no-slash")
