@@ -170,6 +170,7 @@ FREE_ON_RESUME = (
     "train.resume_from_checkpoint", "train.overwrite_output_dir", "train.dataloader_num_workers",
     "data.train",  # where the rows live may change; the rows themselves are compared by digest
     "data.validation", "data.test", "data.max_eval_samples", "data.preprocessing_num_workers", "eval",
+    "lora.merge", "hub",  # what is saved or uploaded at the end, not how training goes
 )
 
 

@@ -65,17 +65,26 @@ def evaluate_saved(recipe: Recipe, model_dir: str | None, split: str, output_dir
                    prompts: list[str] | None = None, temperature: float = 0.8) -> dict[str, Any]:
     import transformers
 
+    from hftk import adapters, models
     from hftk.tokenizer import with_pad_token
 
     model_dir = model_dir or recipe.train.output_dir
-    if not (Path(model_dir) / "config.json").is_file():
-        raise UserError(f"--model: {model_dir} holds no saved model (no config.json)")
+    adapter = adapters.is_adapter(model_dir)
+    if not adapter and not (Path(model_dir) / "config.json").is_file():
+        raise UserError(f"--model: {model_dir} holds no saved model (no config.json or {adapters.ADAPTER_CONFIG})")
     if getattr(recipe.data, split, None) is None:
         raise UserError(f"--split: the recipe has no data.{split}")
-    plan = plan_inputs(recipe, [split], model_dir=model_dir)
+    # An adapter is evaluated on the base its adapter_config.json names.
+    plan = plan_inputs(recipe, [split], model_dir=adapters.base_of(model_dir) if adapter else model_dir)
     accelerator = make_accelerator(recipe.train)
     tokenizer = with_pad_token(transformers.AutoTokenizer.from_pretrained(model_dir))
-    model = getattr(transformers, plan.encoding.auto_class).from_pretrained(model_dir)
+    if adapter:
+        base_section = recipe.model.model_copy(update={"name_or_path": adapters.base_of(model_dir), "config": None,
+                                                       "tokenizer": None})
+        base = models.build_model(base_section, plan.config, plan.encoding, tokenizer)
+        model = adapters.load_adapter(model_dir, base)
+    else:
+        model = getattr(transformers, plan.encoding.auto_class).from_pretrained(model_dir)
     model = accelerator.prepare(model)
     loader = eval_loader(plan, accelerator, model, tokenizer, tokenized(plan, accelerator, tokenizer, split, False))
     results, rows = evaluate_split(plan, accelerator, model, tokenizer, split, loader)

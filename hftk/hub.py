@@ -8,13 +8,10 @@ from typing import Any
 
 from hftk.errors import UserError
 
-CARD_TEMPLATE = """---
-{card_data}
----
-
+CARD_BODY = """
 # {title}
 
-Fine-tuned with hftk for **{task}**.
+Fine-tuned with hftk for **{task}**{base_line}.
 
 ## Results
 
@@ -30,31 +27,106 @@ Fine-tuned with hftk for **{task}**.
 ## Use
 
 ```python
-from transformers import AutoTokenizer, {auto_class}
-
-tokenizer = AutoTokenizer.from_pretrained("{model_ref}")
-model = {auto_class}.from_pretrained("{model_ref}")
-```
+{usage}```
 """
 
+# The Hub's task ids (pipeline_tag and model-index task type) for each hftk task.
 PIPELINE_TASKS = {
     "summarization": "summarization", "translation": "translation", "generative_qa": "text2text-generation",
     "extractive_qa": "question-answering", "text_generation": "text-generation", "dialogue": "text-generation",
 }
+DECODER_ONLY_PIPELINE_TASKS = {"summarization", "translation", "generative_qa"}  # prompt + continuation
+
+# Counts, not scores: they stay in all_results.json and out of model-index.
+NOT_METRICS = {"eval_samples"}
+
+GENERATE_USAGE = """\
+from transformers import AutoTokenizer{import_line}
+
+tokenizer = AutoTokenizer.from_pretrained("{ref}")
+model = {model_class}.from_pretrained("{ref}")
+inputs = tokenizer("{prompt}", return_tensors="pt")
+output = model.generate(**inputs, max_new_tokens=64)
+print(tokenizer.decode(output[0{cut}], skip_special_tokens=True))
+"""
+
+SPAN_USAGE = """\
+import torch
+from transformers import AutoTokenizer{import_line}
+
+tokenizer = AutoTokenizer.from_pretrained("{ref}")
+model = {model_class}.from_pretrained("{ref}")
+inputs = tokenizer("Who wrote it?", "The report was written by Ada.", return_tensors="pt")
+with torch.no_grad():
+    output = model(**inputs)
+start, end = int(output.start_logits.argmax()), int(output.end_logits.argmax())
+print(tokenizer.decode(inputs["input_ids"][0, start:end + 1]))
+"""
+
+
+def is_hub_id(name: str | None) -> bool:
+    """A Hub repository id, not a local path (which would mean nothing to a reader of the card)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name or Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def usage_snippet(auto_class: str, model_ref: str, adapter: bool, task: str) -> str:
+    """Code that runs with transformers 5: a model class and generate() (its pipelines for
+    summarization, translation and QA are gone)."""
+    model_class = auto_class.replace("AutoModel", "AutoPeftModel") if adapter else auto_class
+    import_line = f"\nfrom peft import {model_class}" if adapter else f", {model_class}"
+    if auto_class == "AutoModelForQuestionAnswering":
+        return SPAN_USAGE.format(import_line=import_line, ref=model_ref, model_class=model_class)
+    decoder = auto_class == "AutoModelForCausalLM"
+    return GENERATE_USAGE.format(import_line=import_line, ref=model_ref, model_class=model_class,
+                                 prompt="Your text here" if task != "translation" else "The house is small.",
+                                 cut=", inputs['input_ids'].shape[1]:" if decoder else "")
+
+
+def eval_results(results: dict[str, Any], task: str, dataset: str, dataset_type: str, split: str) -> list[Any]:
+    """One model-index entry per eval_* score in all_results.json."""
+    from huggingface_hub import EvalResult
+
+    task_type = PIPELINE_TASKS.get(task, task)
+    return [EvalResult(task_type=task_type, dataset_type=dataset_type, dataset_name=dataset, dataset_split=split,
+                       metric_type=key.removeprefix("eval_"), metric_name=key, metric_value=value)
+            for key, value in sorted(results.items())
+            if key.startswith("eval_") and key not in NOT_METRICS and isinstance(value, (int, float))]
 
 
 def write_model_card(output_dir: Path, task: str, recipe_yaml: str, results: dict[str, Any], base_model: str | None,
-                     auto_class: str, model_ref: str | None = None) -> None:
-    from huggingface_hub import ModelCardData
+                     auto_class: str, model_ref: str | None = None, *, adapter: bool = False,
+                     datasets: list[str] | None = None, eval_dataset: str | None = None,
+                     eval_split: str = "validation") -> None:
+    """README.md with Hub metadata: model-index from the eval_* results, base model and datasets
+    only where they are Hub ids, library peft for an adapter."""
+    from huggingface_hub import ModelCard, ModelCardData
 
-    data = ModelCardData(library_name="transformers", tags=["hftk", task], base_model=base_model,
-                         pipeline_tag=PIPELINE_TASKS.get(task))
-    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(results.items()))
-    card = CARD_TEMPLATE.format(
-        card_data=data.to_yaml(), title=Path(output_dir).name, task=task, metric_rows=rows, recipe=recipe_yaml,
-        auto_class=auto_class, model_ref=model_ref or str(output_dir),
+    output_dir = Path(output_dir)
+    title = output_dir.name
+    hub_base = base_model if is_hub_id(base_model) else None
+    dataset = eval_dataset or "local"
+    data = ModelCardData(
+        model_name=title, library_name="peft" if adapter else "transformers",
+        tags=["hftk", task] + (["lora"] if adapter else []), base_model=hub_base,
+        datasets=[d for d in datasets or [] if is_hub_id(d)] or None, pipeline_tag=PIPELINE_TASKS.get(task),
+        eval_results=eval_results(results, task, Path(dataset).name, dataset if is_hub_id(dataset) else "json",
+                                  eval_split) or None,
     )
-    (Path(output_dir) / "README.md").write_text(card)
+    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(results.items()))
+    body = CARD_BODY.format(
+        title=title, task=task, base_line=f" from [{hub_base}](https://huggingface.co/{hub_base})" if hub_base else "",
+        metric_rows=rows, recipe=recipe_yaml,
+        usage=usage_snippet(auto_class, model_ref or str(output_dir), adapter, task),
+    )
+    ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").save(output_dir / "README.md")
 
 
 def push_run(run_dir: Path, repo_id: str, private: bool, token: str | None, api: Any = None) -> str:
@@ -62,8 +134,10 @@ def push_run(run_dir: Path, repo_id: str, private: bool, token: str | None, api:
     from huggingface_hub import HfApi
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.json").is_file() or not (run_dir / "all_results.json").is_file():
-        raise UserError(f"{run_dir} is not a finished hftk run (config.json and all_results.json are missing)")
+    has_model = (run_dir / "config.json").is_file() or (run_dir / "adapter_config.json").is_file()
+    if not has_model or not (run_dir / "all_results.json").is_file():
+        raise UserError(f"{run_dir} is not a finished hftk run (config.json or adapter_config.json, and "
+                        f"all_results.json, are missing)")
     api = api or HfApi(token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
@@ -74,6 +148,34 @@ def push_run(run_dir: Path, repo_id: str, private: bool, token: str | None, api:
     except Exception as err:  # noqa: BLE001 - network, auth and repo errors end the same way for the user
         raise UserError(f"push to {repo_id} failed: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None
     return str(url)
+
+
+def check_push(settings: Any) -> None:
+    """hub.push: refuse before training what could only fail after it (offline, no token)."""
+    if settings is None or not settings.push:
+        return
+    from huggingface_hub import constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        raise UserError(f"hub.push: HF_HUB_OFFLINE is set, so {settings.repo_id} cannot be pushed to; unset it or "
+                        f"set hub.push=false (and run `hftk push` later)")
+    if get_token() is None:
+        raise UserError("hub.push: no Hugging Face token found; run `hf auth login` or set HF_TOKEN")
+
+
+def push_finished_run(settings: Any, output_dir: Path, api: Any = None) -> str | None:
+    """The recipe's hub section after training (main process only); None when it asks for no push."""
+    if settings is None or not settings.push:
+        return None
+    from huggingface_hub import get_token
+
+    from hftk.errors import RunError
+
+    try:
+        return push_run(output_dir, settings.repo_id, settings.private, token=get_token(), api=api)
+    except UserError as err:  # the run itself is saved: not bad input any more
+        raise RunError(f"{err}; the run is saved in {output_dir}: `hftk push {output_dir} --repo-id "
+                       f"{settings.repo_id}` uploads it later") from None
 
 
 def read_results(run_dir: Path) -> dict[str, Any]:

@@ -262,13 +262,16 @@ def align_with_tokenizer(config: PretrainedConfig, tokenizer: Any, explicit: dic
     return config
 
 
-def build_model(model: ModelSection, config: PretrainedConfig, encoding: Encoding, tokenizer: Any):
+def build_model(model: ModelSection, config: PretrainedConfig, encoding: Encoding, tokenizer: Any,
+                load_kwargs: dict[str, Any] | None = None):
+    """load_kwargs: extra from_pretrained arguments (a quantized LoRA base)."""
     auto_class = getattr(transformers, encoding.auto_class)
     if model.config is not None:
         built = auto_class.from_config(align_with_tokenizer(config, tokenizer, model.config))
     else:
         built = auto_class.from_pretrained(
-            model.name_or_path, config=config, revision=model.revision, trust_remote_code=model.trust_remote_code
+            model.name_or_path, config=config, revision=model.revision, trust_remote_code=model.trust_remote_code,
+            **(load_kwargs or {}),
         )
         if built.get_input_embeddings().num_embeddings < len(tokenizer):
             built.resize_token_embeddings(len(tokenizer))

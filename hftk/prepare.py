@@ -27,6 +27,7 @@ class Plan:
     splits: dict[str, datasets.Dataset]
     resume_from: Path | None = None
     train_digest: str | None = None  # what the training rows were, kept in every checkpoint
+    adapter: Any = None  # adapters.AdapterPlan when the recipe trains a LoRA adapter
 
 
 def plan_inputs(recipe: Recipe, split_keys: list[str], model_dir: str | None = None) -> Plan:

@@ -195,6 +195,41 @@ class ParallelSection(Section):
     powersgd_min_compression_rate: float = Field(2.0, ge=1.0)
 
 
+class LoraSection(Section):
+    """Train a LoRA adapter through peft on a pretrained base instead of every weight."""
+
+    r: int = Field(8, ge=1, le=MAX_BATCH, description="Rank of the update matrices.")
+    alpha: float = Field(16.0, gt=0, description="Scale: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] | None = Field(
+        None, min_length=1, description="Module names to adapt; default: the model family's attention projections.")
+    modules_to_save: list[str] | None = Field(
+        None, description="Modules trained in full and saved with the adapter; default: a task head the base lacks "
+                          "(extractive QA's qa_outputs).")
+    use_dora: bool = False
+    use_rslora: bool = False
+    init_lora_weights: bool | Literal["gaussian", "pissa", "olora"] = True
+    merge: bool = Field(False, description="Also save the base with the adapter merged in, in output_dir/merged.")
+    quantize: Literal["none", "4bit", "8bit"] = Field("none", description="QLoRA: load the base quantized "
+                                                                          "through bitsandbytes (CUDA only).")
+
+
+class HubSection(Section):
+    """Push the finished run to the Hugging Face Hub (main process only)."""
+
+    push: bool = False
+    repo_id: str | None = Field(None, description="USER/NAME on the Hub.")
+    private: bool = False
+
+    @model_validator(mode="after")
+    def _repo_to_push(self) -> HubSection:
+        if self.push and not self.repo_id:
+            raise ValueError("hub.push needs hub.repo_id (USER/NAME)")
+        if self.repo_id is not None and (self.repo_id.count("/") != 1 or not all(self.repo_id.split("/"))):
+            raise ValueError(f"hub.repo_id must be USER/NAME, not '{self.repo_id}'")
+        return self
+
+
 class Recipe(Section):
     task: TaskName
     model: ModelSection
@@ -202,6 +237,15 @@ class Recipe(Section):
     train: TrainSection
     eval: EvalSection = EvalSection()
     parallel: ParallelSection = ParallelSection()
+    lora: LoraSection | None = None
+    hub: HubSection | None = None
+
+    @model_validator(mode="after")
+    def _adapter_needs_a_base(self) -> Recipe:
+        if self.lora is not None and self.model.config is not None:
+            raise ValueError("lora needs a pretrained base to load onto: set model.name_or_path instead of "
+                             "model.config (train and save a full run first)")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)

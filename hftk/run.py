@@ -10,10 +10,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hftk import checkpoint, models, parallel, run_dir
+from hftk import adapters, checkpoint, hub, models, parallel, run_dir
 from hftk.errors import RunError, UserError
 from hftk.evaluate import evaluate_split, write_jsonl
-from hftk.hub import write_model_card
 from hftk.prepare import (
     Plan,
     build_tokenizer,
@@ -49,6 +48,8 @@ def plan_finetune(recipe: Recipe) -> Plan:
     if resume_from is not None:
         checkpoint.check_compatible(resume_from, recipe, plan.train_digest)
     plan.resume_from = resume_from
+    plan.adapter = adapters.plan_adapter(recipe.lora, plan.config, plan.encoding.auto_class)
+    hub.check_push(recipe.hub)
     return plan
 
 
@@ -65,13 +66,13 @@ def finetune(recipe: Recipe) -> dict[str, Any]:
     validation_features = (tokenized(plan, accelerator, tokenizer, "validation", training=False)
                            if "validation" in plan.splits else None)
     start_output_dir(accelerator, recipe)
-    parts, evaluate = setup_training(plan, accelerator, strategy, tokenizer, train_features, validation_features)
+    parts, evaluate, sizes = setup_training(plan, accelerator, strategy, tokenizer, train_features, validation_features)
     log.info(f"training {parts.total_steps} optimizer steps on {accelerator.num_processes} process(es)")
     try:
         train_results = train(parts, recipe.train, lambda: _latest(recipe.train.output_dir))
     finally:
         parts.stop.uninstall()
-    return finish(plan, parts, strategy, tokenizer, train_results, evaluate)
+    return finish(plan, parts, strategy, tokenizer, {**train_results, **sizes}, evaluate)
 
 
 def start_output_dir(accelerator: Any, recipe: Recipe) -> None:
@@ -94,7 +95,8 @@ def _latest(output_dir: str) -> str | None:
 def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, train_features: Any,
                    validation_features: Any):
     """Model, optimizer, loaders and schedule, prepared for the strategy and restored on resume.
-    Returns the loop's parts and the validation evaluation (results, prediction rows), or None."""
+    Returns the loop's parts, the validation evaluation (results, prediction rows) or None, and the
+    trainable and total parameter counts."""
     from hftk.train.loop import LoopParts
     from hftk.train.optim import build_optimizer, build_scheduler, total_optimizer_steps
     from hftk.train.preemption import StopFlag
@@ -103,7 +105,13 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, 
     recipe, settings = plan.recipe, plan.recipe.train
     output_dir = Path(settings.output_dir)
     with parallel.model_construction(accelerator):
-        model = models.build_model(recipe.model, plan.config, plan.encoding, tokenizer)
+        model = models.build_model(recipe.model, plan.config, plan.encoding, tokenizer,
+                                   adapters.quantized_loading(recipe.lora, accelerator.device))
+    if plan.adapter is not None:  # before prepare(): DDP and the optimizer see only what trains
+        model = adapters.wrap(model, plan.adapter, recipe.model.gradient_checkpointing)
+    sizes = adapters.count_parameters(model)
+    log.info(f"trainable parameters: {sizes['trainable_parameters']:,} of {sizes['total_parameters']:,} "
+             f"({sizes['trainable_parameters'] / max(sizes['total_parameters'], 1):.2%})")
     parallel.apply_recipe_to_deepspeed(accelerator, settings.max_grad_norm)
     collator = plan.task.collator(tokenizer, plan.encoding.family, decoder_inputs_for(model))
     loader = make_loader(train_features, collator, settings.per_device_train_batch_size, True, settings.seed,
@@ -137,7 +145,7 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, 
 
     parts = LoopParts(accelerator, model, optimizer, scheduler, loader, plan.encoding.family, total_steps, state,
                       metrics_log, evaluate and (lambda: evaluate()[0]), save, StopFlag().install())
-    return parts, evaluate
+    return parts, evaluate, sizes
 
 
 def finish(plan: Plan, parts: Any, strategy: Any, tokenizer: Any, train_results: dict,
@@ -146,9 +154,10 @@ def finish(plan: Plan, parts: Any, strategy: Any, tokenizer: Any, train_results:
     recipe, accelerator, model = plan.recipe, parts.accelerator, parts.model
     output_dir = Path(recipe.train.output_dir)
     parts.save()
+    save = adapters.save_adapter if plan.adapter is not None else save_model
     try:
-        save_model(accelerator, accelerator.unwrap_model(model), strategy.full_state_dict(accelerator, model),
-                   tokenizer, output_dir)
+        save(accelerator, accelerator.unwrap_model(model), strategy.full_state_dict(accelerator, model),
+             tokenizer, output_dir)
     except OSError as err:
         raise RunError(f"cannot write the final model in {output_dir}: {err.strerror or err}; "
                        f"the final checkpoint is complete") from None
@@ -160,10 +169,20 @@ def finish(plan: Plan, parts: Any, strategy: Any, tokenizer: Any, train_results:
         if accelerator.is_main_process:
             write_jsonl(output_dir / "predictions.jsonl", rows)
     if accelerator.is_main_process:
+        if plan.adapter is not None and recipe.lora.merge:
+            # a fresh config: loading the training base may have resized its vocabulary in place
+            base = models.build_model(recipe.model, models.resolve_config(recipe.model), plan.encoding, tokenizer)
+            log.info(f"merged model saved in {adapters.save_merged(output_dir, base, tokenizer)}")
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
-        write_model_card(output_dir, recipe.task, recipe.dump_yaml(), results, recipe.model.name_or_path,
-                         plan.encoding.auto_class)
+        sources = [source.path for source in (recipe.data.train, recipe.data.validation) if source is not None]
+        hub.write_model_card(output_dir, recipe.task, recipe.dump_yaml(), results, recipe.model.name_or_path,
+                         plan.encoding.auto_class, adapter=plan.adapter is not None, datasets=sources,
+                         eval_dataset=recipe.data.validation and recipe.data.validation.path,
+                         model_ref=recipe.hub.repo_id if recipe.hub and recipe.hub.push else None)
         run_dir.mark_finished(output_dir)
+        url = hub.push_finished_run(recipe.hub, output_dir)
+        if url:
+            log.info(f"pushed to {url}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results

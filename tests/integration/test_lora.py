@@ -1,0 +1,196 @@
+"""LoRA through peft on bases made here (a short scratch run, saved): the adapter learns, only
+adapter tensors change, the merged model predicts what the adapter does, and LoRA runs keep
+hftk's promises on bad input, several processes and resumption."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, accelerate_launch, run_hftk, tiny_recipe, write_recipe
+
+FAULTS = str(ROOT / "tests" / "faults")
+
+BASES = {
+    "t5": {"model_type": "t5", "d_model": 32, "d_kv": 8, "num_heads": 4, "d_ff": 64, "num_layers": 1,
+           "num_decoder_layers": 1, "dropout_rate": 0.0},
+    "gpt2": {"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 4, "n_positions": 128,
+             "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
+}
+BASE_TRAIN = {"max_steps": 40, "learning_rate": 3e-3, "per_device_train_batch_size": 16}
+DATA = {"max_train_samples": 256}
+LORA_TRAIN = {"max_steps": 30, "learning_rate": 1e-2, "per_device_train_batch_size": 8, "logging_steps": 1}
+LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
+
+
+def results(folder: Path) -> dict:
+    return json.loads((folder / "all_results.json").read_text())
+
+
+def losses(folder: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def finetune(recipe_file: Path, *overrides: str, **kwargs):
+    result = run_hftk("finetune", str(recipe_file), *overrides, **kwargs)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory) -> dict[str, Path]:
+    """A saved T5 and GPT-2 summarization model each, trained briefly from scratch."""
+    made = {}
+    for family, config in BASES.items():
+        tmp_path = tmp_path_factory.mktemp(f"base-{family}")
+        recipe = tiny_recipe(tmp_path, data=DATA, train={**BASE_TRAIN, "output_dir": str(tmp_path / "base")})
+        recipe["model"]["config"] = config
+        finetune(write_recipe(tmp_path, recipe))
+        made[family] = tmp_path / "base"
+    return made
+
+
+def lora_recipe(tmp_path: Path, base: Path, name: str = "lora", lora: dict | None = None, **train) -> Path:
+    recipe = tiny_recipe(tmp_path, data=DATA,
+                         train={**LORA_TRAIN, "output_dir": str(tmp_path / name), **train})
+    recipe["model"] = {"name_or_path": str(base)}
+    recipe["lora"] = {**LORA, **(lora or {})}
+    return write_recipe(tmp_path, recipe, f"{name}.yaml")
+
+
+@pytest.fixture(scope="module")
+def t5_lora(bases, tmp_path_factory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("t5-lora")
+    finetune(lora_recipe(tmp_path, bases["t5"], lora={"merge": True}))
+    return tmp_path / "lora"
+
+
+def test_lora_learns_what_the_base_does_not_know(bases, t5_lora):
+    base, tuned = results(bases["t5"]), results(t5_lora)
+    # Measured: eval_loss 4.083 -> 3.916 (T5); the adapter is ~9% of this tiny model's parameters.
+    assert tuned["eval_loss"] < base["eval_loss"] - 0.1
+    assert 0 < tuned["trainable_parameters"] < 0.15 * tuned["total_parameters"]
+
+
+def test_lora_trains_a_decoder(bases, tmp_path):
+    from safetensors.torch import load_file
+
+    finetune(lora_recipe(tmp_path, bases["gpt2"]))
+    adapter = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert adapter["target_modules"] == ["c_attn"] and adapter["task_type"] == "CAUSAL_LM"  # GPT-2's Conv1D
+    trained = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    assert all(v.abs().sum() > 0 for k, v in trained.items() if ".lora_B." in k)
+    # Measured: eval_loss 3.6344 -> 3.6333. This 1-layer, 32-wide GPT-2 sits on a plateau its attention
+    # cannot leave (full training stays there too), so only "no worse" is asserted here.
+    assert results(tmp_path / "lora")["eval_loss"] <= results(bases["gpt2"])["eval_loss"] + 1e-3
+
+
+def test_only_adapter_tensors_change(bases, t5_lora):
+    from safetensors.torch import load_file
+
+    base = load_file(bases["t5"] / "model.safetensors")
+    trained = load_file(t5_lora / "checkpoint-30" / "model.safetensors")
+    adapter = load_file(t5_lora / "adapter_model.safetensors")
+    assert adapter and all(".lora_A." in k or ".lora_B." in k for k in adapter)
+    frozen = {k.removeprefix("base_model.model.").replace(".base_layer.", "."): v
+              for k, v in trained.items() if ".lora_" not in k}
+    for name, tensor in base.items():
+        assert name in frozen, name
+        assert frozen[name].equal(tensor), f"{name} changed"
+    lora = {k: v for k, v in trained.items() if ".lora_B." in k}
+    assert lora and all(v.abs().sum() > 0 for v in lora.values())  # B starts at zero: it trained
+
+
+def test_merged_model_predicts_what_the_adapter_does(t5_lora, tmp_path):
+    import transformers
+    from peft import AutoPeftModelForSeq2SeqLM
+
+    merged = t5_lora / "merged"
+    assert isinstance(transformers.AutoModelForSeq2SeqLM.from_pretrained(merged), transformers.T5ForConditionalGeneration)
+    assert AutoPeftModelForSeq2SeqLM.from_pretrained(t5_lora) is not None
+    recipe = t5_lora.parent / "lora.yaml"
+    predictions = (t5_lora / "predictions.jsonl").read_text()
+    assert len({json.loads(line)["prediction"] for line in predictions.splitlines()}) > 1  # not one string repeated
+    for model_dir in (merged, t5_lora):
+        out = tmp_path / model_dir.name
+        result = run_hftk("eval", str(recipe), "--model", str(model_dir), "--output-dir", str(out))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert (out / "predictions.jsonl").read_text() == predictions
+        assert json.loads((out / "eval_results.json").read_text())["eval_loss"] == pytest.approx(
+            results(t5_lora)["eval_loss"], rel=1e-5)
+
+
+def test_lora_on_a_scratch_model_is_bad_input(tmp_path):
+    recipe = tiny_recipe(tmp_path)
+    recipe["lora"] = LORA
+    result = run_hftk("finetune", str(write_recipe(tmp_path, recipe)))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "lora needs a pretrained base" in result.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("lora, message", [
+    ({"quantize": "4bit"}, "lora.quantize: 4bit"),
+    ({"target_modules": ["nope"]}, "lora.target_modules: a t5 model has no module named nope"),
+])
+def test_lora_bad_input_stops_before_loading(bases, tmp_path, lora, message):
+    pytest.importorskip("torch")
+    import torch
+
+    if lora.get("quantize") and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here: quantize is valid")
+    result = run_hftk("finetune", str(lora_recipe(tmp_path, bases["t5"], lora=lora)))
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert message in result.stderr and not (tmp_path / "lora").exists()
+
+
+def test_ddp_lora_matches_one_process(bases, tmp_path):
+    steps = {"max_steps": 6, "save_steps": 3}
+    finetune(lora_recipe(tmp_path, bases["t5"], "single", per_device_train_batch_size=8, **steps))
+    finetune(lora_recipe(tmp_path, bases["t5"], "ddp", per_device_train_batch_size=4, **steps),
+             launcher=accelerate_launch("ddp.yaml"), env={"ACCELERATE_USE_CPU": "false"})
+    single, ddp = losses(tmp_path / "single"), losses(tmp_path / "ddp")
+    assert sorted(single) == sorted(ddp) == list(range(1, 7))
+    worst = max(abs(ddp[s] - single[s]) / abs(single[s]) for s in single)
+    assert worst < 1e-4, f"relative loss difference {worst:.2e}"
+    assert results(tmp_path / "ddp")["eval_loss"] == pytest.approx(results(tmp_path / "single")["eval_loss"], rel=1e-4)
+
+
+def test_killed_lora_run_resumes_bit_identical(bases, tmp_path):
+    # Adapter dropout on: the resumed run must also draw the same masks.
+    settings = {"max_steps": 12, "save_steps": 4}
+    lora = {"dropout": 0.1}
+    finetune(lora_recipe(tmp_path, bases["t5"], "unbroken", lora=lora, **settings))
+    killed = run_hftk("finetune", str(lora_recipe(tmp_path, bases["t5"], "resumed", lora=lora, **settings)),
+                      env={"PYTHONPATH": f"{FAULTS}:{ROOT}", "HFTK_FAULT": "step:6"})
+    assert killed.returncode != 0 and (tmp_path / "resumed" / "checkpoint-4").is_dir()
+    finetune(tmp_path / "resumed.yaml", "train.resume_from_checkpoint=latest")
+    unbroken, resumed = tmp_path / "unbroken", tmp_path / "resumed"
+    assert (resumed / "adapter_model.safetensors").read_bytes() == (unbroken / "adapter_model.safetensors").read_bytes()
+    assert losses(resumed) == losses(unbroken)
+
+
+def test_extractive_qa_lora_trains_the_head(tmp_path):
+    config = {"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 4,
+              "intermediate_size": 64, "max_position_embeddings": 128, "hidden_dropout_prob": 0.0,
+              "attention_probs_dropout_prob": 0.0}
+    data = {"train": str(ROOT / "data/qa/train.jsonl"), "validation": str(ROOT / "data/qa/validation.jsonl"),
+            "max_train_samples": 256, "max_eval_samples": 32, "max_source_length": 96, "doc_stride": 32}
+    recipe = tiny_recipe(tmp_path, data=data, train={**BASE_TRAIN, "output_dir": str(tmp_path / "base")})
+    recipe["task"] = "extractive_qa"
+    recipe["model"]["config"] = config
+    finetune(write_recipe(tmp_path, recipe, "base.yaml"))
+    recipe["model"] = {"name_or_path": str(tmp_path / "base")}
+    recipe["lora"] = LORA
+    recipe["train"] = {**LORA_TRAIN, "output_dir": str(tmp_path / "lora")}
+    finetune(write_recipe(tmp_path, recipe, "lora.yaml"))
+    from safetensors.torch import load_file
+
+    adapter = load_file(tmp_path / "lora" / "adapter_model.safetensors")
+    assert any("qa_outputs" in k for k in adapter) and any(".lora_A." in k for k in adapter)
+    assert set(json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["modules_to_save"]) == {"qa_outputs"}
+    # Measured: eval_loss 1.93 -> 1.57.
+    assert results(tmp_path / "lora")["eval_loss"] < results(tmp_path / "base")["eval_loss"] - 0.2
