@@ -5,7 +5,6 @@ hftk's promises on bad input, several processes and resumption."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
