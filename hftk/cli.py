@@ -120,6 +120,22 @@ def push(
     _guarded(action)
 
 
+@app.command()
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="Finished runs' output_dir folders.", show_default=False),
+    output: Path = typer.Option(Path("report.png"), "--output", help="Where the picture goes."),
+) -> None:
+    """Compare finished runs side by side: a table of their results and one picture of their curves."""
+
+    def action():
+        from hftk.report import compare_runs
+
+        compare_runs(run_dirs, output)
+        typer.echo(f"picture: {output}")
+
+    _guarded(action)
+
+
 def _expand_home(path: str | None) -> str | None:
     # the shell leaves `--model=~/run` alone; the recipe's own paths are expanded the same way
     return os.path.expanduser(path) if path else path

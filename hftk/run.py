@@ -25,6 +25,7 @@ from hftk.prepare import (
     tokenized,
 )
 from hftk.recipe import Recipe
+from hftk.report import write_training_curves
 from hftk.tracking import MetricsLog, log
 
 
@@ -160,7 +161,8 @@ def finish(plan: Plan, parts: Any, strategy: Any, tokenizer: Any, train_results:
         if accelerator.is_main_process:
             write_jsonl(output_dir / "predictions.jsonl", rows)
     if accelerator.is_main_process:
-        (output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
+        (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_training_curves(output_dir)
         write_model_card(output_dir, recipe.task, recipe.dump_yaml(), results, recipe.model.name_or_path,
                          plan.encoding.auto_class)
         run_dir.mark_finished(output_dir)
