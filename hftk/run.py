@@ -27,6 +27,7 @@ from hftk.prepare import (
 from hftk.recipe import Recipe
 from hftk.report import write_training_curves
 from hftk.tracking import MetricsLog, log
+from hftk.train.best import best_figures, record_evaluation
 
 
 def plan_finetune(recipe: Recipe) -> Plan:
@@ -134,7 +135,8 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, 
     def save() -> str:
         return str(checkpoint.save_checkpoint(
             accelerator, output_dir, state.optimizer_step, recipe.dump_yaml(), settings.save_total_limit,
-            lambda folder: strategy.save_extra(accelerator, folder, model, optimizer), plan.train_digest))
+            lambda folder: strategy.save_extra(accelerator, folder, model, optimizer), plan.train_digest,
+            keep_step=state.best_step if settings.load_best_model_at_end else None))
 
     parts = LoopParts(accelerator, model, optimizer, scheduler, loader, plan.encoding.family, total_steps, state,
                       metrics_log, evaluate and (lambda: evaluate()[0]), save, StopFlag().install())
@@ -143,24 +145,31 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, 
 
 def finish(plan: Plan, parts: Any, strategy: Any, tokenizer: Any, train_results: dict,
            evaluate: Any) -> dict[str, Any]:
-    """The final checkpoint, the whole model, the last evaluation, results and the model card."""
-    recipe, accelerator, model = plan.recipe, parts.accelerator, parts.model
+    """The final checkpoint, the last evaluation, the best checkpoint's weights where asked, the whole
+    model, results and the model card."""
+    recipe, accelerator, model, state = plan.recipe, parts.accelerator, parts.model, parts.state
     output_dir = Path(recipe.train.output_dir)
     parts.save()
+    results = dict(train_results)
+    rows = None
+    if evaluate is not None:
+        eval_results, rows = evaluate()
+        parts.metrics_log.write({"step": state.optimizer_step, **eval_results})
+        record_evaluation(state, recipe.train, eval_results, checkpointed=True)
+        if recipe.train.load_best_model_at_end and state.best_step != state.optimizer_step:
+            restore_best(parts, strategy, recipe.train)
+            eval_results, rows = evaluate()  # what the saved model scores, predictions included
+        results.update(eval_results)
+        results.update(best_figures(state))
     try:
         save_model(accelerator, accelerator.unwrap_model(model), strategy.full_state_dict(accelerator, model),
                    tokenizer, output_dir)
     except OSError as err:
         raise RunError(f"cannot write the final model in {output_dir}: {err.strerror or err}; "
                        f"the final checkpoint is complete") from None
-    results = dict(train_results)
-    if evaluate is not None:
-        eval_results, rows = evaluate()
-        results.update(eval_results)
-        parts.metrics_log.write({"step": parts.state.optimizer_step, **eval_results})
-        if accelerator.is_main_process:
-            write_jsonl(output_dir / "predictions.jsonl", rows)
     if accelerator.is_main_process:
+        if rows is not None:
+            write_jsonl(output_dir / "predictions.jsonl", rows)
         (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
         write_training_curves(output_dir)
         write_model_card(output_dir, recipe.task, recipe.dump_yaml(), results, recipe.model.name_or_path,
@@ -169,6 +178,19 @@ def finish(plan: Plan, parts: Any, strategy: Any, tokenizer: Any, train_results:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+def restore_best(parts: Any, strategy: Any, settings: Any) -> None:
+    """Load the best checkpoint's weights; the loop's own position stays that of the end of training."""
+    state = parts.state
+    folder = checkpoint.checkpoint_at(Path(settings.output_dir), state.best_step)
+    if folder is None:
+        raise RunError(f"the best checkpoint (optimizer step {state.best_step}) is gone from {settings.output_dir}")
+    position = state.state_dict()
+    parts.accelerator.load_state(str(folder))
+    strategy.load_extra(parts.accelerator, folder, parts.model, parts.optimizer)
+    state.load_state_dict(position)
+    log.info(f"loaded the best checkpoint {folder.name} ({settings.metric_for_best_model}={state.best_metric:.4g})")
 
 
 def save_model(accelerator: Any, model: Any, state_dict: dict, tokenizer: Any, output_dir: Path) -> None:

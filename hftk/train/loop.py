@@ -18,7 +18,8 @@ from accelerate import skip_first_batches
 from hftk.errors import Preempted, RunError
 from hftk.recipe import TrainSection
 from hftk.tasks.text_to_text import IGNORE_INDEX
-from hftk.tracking import MetricsLog
+from hftk.tracking import MetricsLog, log
+from hftk.train.best import patience_ran_out, record_evaluation
 from hftk.train.objective import token_counts, token_loss_sums
 from hftk.train.preemption import StopFlag
 from hftk.train.state import TrainState
@@ -124,7 +125,8 @@ def train(parts: LoopParts, settings: TrainSection, last_good: Callable[[], str 
     total_loss, total_steps_run, started = 0.0, 0, time.perf_counter()
     clock = {"since": time.perf_counter(), "tokens": 0}
     batches_per_epoch = len(parts.loader)
-    while state.optimizer_step < parts.total_steps:
+    patience_over = patience_ran_out(state, settings)  # a resumed run that had already run out of patience
+    while state.optimizer_step < parts.total_steps and not patience_over:
         parts.loader.set_epoch(state.epoch)
         # Resuming mid-epoch: the same shuffled order, minus what the interrupted run consumed.
         batches = skip_first_batches(parts.loader, state.batches_in_epoch) if state.batches_in_epoch else parts.loader
@@ -146,10 +148,14 @@ def train(parts: LoopParts, settings: TrainSection, last_good: Callable[[], str 
                 total_steps_run += state.pending_steps
                 pending_loss.zero_(), pending_tokens.zero_()
                 state.pending_steps = 0
+            saving = bool(settings.save_steps) and step % settings.save_steps == 0 and step < parts.total_steps
             if parts.evaluate and settings.eval_steps and step % settings.eval_steps == 0 and step < parts.total_steps:
-                parts.metrics_log.write({"step": step, **parts.evaluate()})
+                scores = parts.evaluate()
+                parts.metrics_log.write({"step": step, **scores})
+                record_evaluation(state, settings, scores, checkpointed=saving)
+                patience_over = patience_ran_out(state, settings)
             stopping = parts.stop.agreed(accelerator)
-            if stopping or (settings.save_steps and step % settings.save_steps == 0 and step < parts.total_steps):
+            if stopping or saving:
                 divergence.check(accelerator, last_good)
                 state.pending_loss = accelerator.reduce(pending_loss.clone(), reduction="sum").item()
                 state.pending_tokens = int(accelerator.reduce(pending_tokens.clone(), reduction="sum").item())
@@ -157,6 +163,10 @@ def train(parts: LoopParts, settings: TrainSection, last_good: Callable[[], str 
             if stopping:
                 raise Preempted(f"received {parts.stop.received}; saved {folder} at optimizer step {step}; "
                                 f"rerun with train.resume_from_checkpoint=latest to continue")
+            if patience_over:
+                log.info(f"early stopping at optimizer step {step}: {settings.metric_for_best_model} has not improved "
+                         f"for {state.evaluations_without_improvement} evaluations")
+                break
             if step >= parts.total_steps:
                 break
     divergence.check(accelerator, last_good)
