@@ -30,12 +30,27 @@ def _offline_defaults() -> None:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-def _guarded(action: Callable[[], object]) -> None:
+QuietOpt = typer.Option(False, "--quiet", "-q", help="Show errors only: no progress bar, no log lines.")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Also show the libraries' own log lines and warnings.")
+
+
+def _verbosity(quiet: bool, verbose: bool) -> str:
+    if quiet and verbose:
+        raise UserError("--quiet and --verbose exclude each other")
+    return "quiet" if quiet else "verbose" if verbose else "normal"
+
+
+def _guarded(action: Callable[[], object], quiet: bool = False, verbose: bool = False) -> None:
     """Known endings (bad input 2, a run that cannot go on 1, preempted 75) print one line on stderr;
     anything else is a bug and keeps its traceback (exit 1)."""
     _offline_defaults()
-    from hftk.tracking import setup_logging
+    from hftk.tracking import set_verbosity, setup_logging
 
+    try:
+        set_verbosity(_verbosity(quiet, verbose))
+    except UserError as err:
+        print(f"hftk: error: {err}", file=sys.stderr)
+        raise typer.Exit(err.exit_status) from None
     setup_logging(_is_main_process())  # before the checks, so their notes (e.g. repaired QA rows) show
     try:
         action()
@@ -47,7 +62,8 @@ def _guarded(action: Callable[[], object]) -> None:
 
 
 @app.command()
-def finetune(recipe: Path = RecipeArg, overrides: list[str] | None = OverridesArg) -> None:
+def finetune(recipe: Path = RecipeArg, overrides: list[str] | None = OverridesArg, quiet: bool = QuietOpt,
+             verbose: bool = VerboseOpt) -> None:
     """Validate the recipe, prepare data, train, evaluate and save."""
     from hftk.recipe import load_recipe
 
@@ -56,7 +72,7 @@ def finetune(recipe: Path = RecipeArg, overrides: list[str] | None = OverridesAr
 
         run_finetune(load_recipe(recipe, overrides))
 
-    _guarded(action)
+    _guarded(action, quiet, verbose)
 
 
 @app.command(name="eval")
@@ -69,6 +85,8 @@ def evaluate(
     prompt: list[str] | None = typer.Option(None, "--prompt", help="Also sample a continuation of this text "
                                                "into samples.jsonl (repeatable)."),
     temperature: float = typer.Option(0.8, "--temperature", min=0.01, help="Sampling temperature for --prompt."),
+    quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
     """Evaluate a saved model on a split; writes eval_results.json and predictions.jsonl."""
     from hftk.recipe import load_recipe
@@ -84,7 +102,7 @@ def evaluate(
             for key, value in results.items():
                 typer.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
 
-    _guarded(action)
+    _guarded(action, quiet, verbose)
 
 
 @app.command()

@@ -13,7 +13,7 @@ from hftk import data, metrics, models, parallel
 from hftk.recipe import Recipe, TrainSection
 from hftk.tasks import get_task
 from hftk.tasks.base import Encoding, Task
-from hftk.tracking import setup_logging
+from hftk.tracking import import_deepspeed_quietly, setup_logging
 
 
 @dataclass
@@ -42,6 +42,7 @@ def plan_inputs(recipe: Recipe, split_keys: list[str], model_dir: str | None = N
 
 
 def make_accelerator(settings: TrainSection):
+    import_deepspeed_quietly()  # before Accelerate imports it and it prints to stdout
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
 

@@ -26,7 +26,7 @@ from hftk.prepare import (
 )
 from hftk.recipe import Recipe
 from hftk.report import write_training_curves
-from hftk.tracking import MetricsLog, log
+from hftk.tracking import MetricsLog, attach_log_file, log
 from hftk.train.best import best_figures, record_evaluation
 
 
@@ -72,6 +72,7 @@ def finetune(recipe: Recipe) -> dict[str, Any]:
     try:
         train_results = train(parts, recipe.train, lambda: _latest(recipe.train.output_dir))
     finally:
+        parts.progress.close()
         parts.stop.uninstall()
     return finish(plan, parts, strategy, tokenizer, train_results, evaluate)
 
@@ -84,6 +85,7 @@ def start_output_dir(accelerator: Any, recipe: Recipe) -> None:
             run_dir.clear_previous(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         run_dir.start(output_dir)
+        attach_log_file(output_dir)
         (output_dir / "recipe.yaml").write_text(recipe.dump_yaml())
     accelerator.wait_for_everyone()
 
@@ -100,6 +102,7 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, 
     from hftk.train.loop import LoopParts
     from hftk.train.optim import build_optimizer, build_scheduler, total_optimizer_steps
     from hftk.train.preemption import StopFlag
+    from hftk.train.progress import start_progress
     from hftk.train.state import TrainState
 
     recipe, settings = plan.recipe, plan.recipe.train
@@ -138,8 +141,9 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, 
             lambda folder: strategy.save_extra(accelerator, folder, model, optimizer), plan.train_digest,
             keep_step=state.best_step if settings.load_best_model_at_end else None))
 
+    progress = start_progress(accelerator.is_main_process, total_steps, state.optimizer_step)
     parts = LoopParts(accelerator, model, optimizer, scheduler, loader, plan.encoding.family, total_steps, state,
-                      metrics_log, evaluate and (lambda: evaluate()[0]), save, StopFlag().install())
+                      metrics_log, evaluate and (lambda: evaluate()[0]), save, StopFlag().install(), progress)
     return parts, evaluate
 
 

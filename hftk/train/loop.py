@@ -22,6 +22,7 @@ from hftk.tracking import MetricsLog, log
 from hftk.train.best import patience_ran_out, record_evaluation
 from hftk.train.objective import token_counts, token_loss_sums
 from hftk.train.preemption import StopFlag
+from hftk.train.progress import NoProgress
 from hftk.train.state import TrainState
 
 
@@ -39,6 +40,7 @@ class LoopParts:
     evaluate: Callable[[], dict[str, float]] | None  # eval_* metrics at the current step
     save: Callable[[], str]  # a full checkpoint at the current step; returns its folder
     stop: StopFlag
+    progress: NoProgress
 
 
 def windows(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -141,6 +143,7 @@ def train(parts: LoopParts, settings: TrainSection, last_good: Callable[[], str 
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
             step = state.optimizer_step
             divergence.record(share, step)
+            parts.progress.advance(step, state.epoch + state.batches_in_epoch / batches_per_epoch)
             if step % settings.logging_steps == 0 or step == parts.total_steps:
                 divergence.check(accelerator, last_good)
                 row = _log_row(parts, pending_loss, pending_tokens, batches_per_epoch, clock)
@@ -190,4 +193,5 @@ def _log_row(parts: LoopParts, pending_loss: torch.Tensor, pending_tokens: torch
     }
     clock["since"], clock["tokens"] = now, clock["tokens"] + tokens
     parts.metrics_log.write(row)
+    parts.progress.show(row)
     return row
