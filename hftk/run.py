@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hftk import checkpoint, models, parallel, run_dir
+from hftk import checkpoint, models, parallel, run_dir, trackers
 from hftk.errors import RunError, UserError
 from hftk.evaluate import evaluate_split, write_jsonl
 from hftk.hub import write_model_card
@@ -26,6 +26,7 @@ from hftk.prepare import (
 )
 from hftk.recipe import Recipe
 from hftk.report import write_training_curves
+from hftk.trackers import log_row, start_trackers
 from hftk.tracking import MetricsLog, attach_log_file, log
 from hftk.train.best import best_figures, record_evaluation
 
@@ -46,6 +47,7 @@ def plan_finetune(recipe: Recipe) -> Plan:
             f"train.output_dir: {output_dir} already holds a run; set train.resume_from_checkpoint=latest to "
             f"continue it, train.overwrite_output_dir=true to start afresh, or choose another output_dir"
         )
+    trackers.check_installed(list(settings.report_to))
     plan = plan_inputs(recipe, ["train", "validation"])
     plan.train_digest = checkpoint.train_data_digest(recipe.data.train, plan.splits["train"])
     if resume_from is not None:
@@ -59,7 +61,7 @@ def finetune(recipe: Recipe) -> dict[str, Any]:
     from hftk.train.loop import train
 
     plan = plan_finetune(recipe)
-    accelerator = make_accelerator(recipe.train)
+    accelerator = make_accelerator(recipe.train, list(recipe.train.report_to))
     strategy = parallel.strategy_for(recipe.parallel, accelerator)
     tokenizer = build_tokenizer(plan, accelerator)
     # Tokenize before anything is written: rows that cannot be encoded are bad input too.
@@ -67,6 +69,7 @@ def finetune(recipe: Recipe) -> dict[str, Any]:
     validation_features = (tokenized(plan, accelerator, tokenizer, "validation", training=False)
                            if "validation" in plan.splits else None)
     start_output_dir(accelerator, recipe)
+    start_trackers(accelerator, recipe)
     parts, evaluate = setup_training(plan, accelerator, strategy, tokenizer, train_features, validation_features)
     log.info(f"training {parts.total_steps} optimizer steps on {accelerator.num_processes} process(es)")
     try:
@@ -119,7 +122,8 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, 
     scheduler = build_scheduler(optimizer, settings, total_steps)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
-    metrics_log = MetricsLog(output_dir, accelerator.is_main_process)
+    forward = (lambda row: log_row(accelerator, row)) if settings.report_to else None
+    metrics_log = MetricsLog(output_dir, accelerator.is_main_process, forward)
     if plan.resume_from is not None:
         log.info(f"resuming from {plan.resume_from}")
         accelerator.load_state(str(plan.resume_from))

@@ -132,13 +132,16 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsLog:
-    def __init__(self, output_dir: Path, enabled: bool):
+    def __init__(self, output_dir: Path, enabled: bool, forward: Any = None):
         self.path = Path(output_dir) / METRICS_FILE
         self.enabled = enabled
+        self.forward = forward  # also hands each row to the experiment trackers
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.enabled:
             return
+        if self.forward is not None:
+            self.forward(row)
         row = {k: _clean(v) for k, v in row.items()}
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
