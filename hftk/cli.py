@@ -79,16 +79,18 @@ def finetune(recipe: Path = RecipeArg, overrides: list[str] | None = OverridesAr
 def evaluate(
     recipe: Path = RecipeArg,
     overrides: list[str] | None = OverridesArg,
-    model: str | None = typer.Option(None, "--model", help="Saved model directory [default: train.output_dir]."),
+    model: str | None = typer.Option(None, "--model", show_default=False,
+                                     help="The saved model's directory (default: the recipe's train.output_dir)."),
     split: str = typer.Option("validation", "--split", help="validation, test or train."),
-    output_dir: str | None = typer.Option(None, "--output-dir", help="Where results go [default: the model directory]."),
+    output_dir: str | None = typer.Option(None, "--output-dir", show_default=False,
+                                          help="Where results go (default: MODEL/eval/SPLIT)."),
     prompt: list[str] | None = typer.Option(None, "--prompt", help="Also sample a continuation of this text "
                                                "into samples.jsonl (repeatable)."),
     temperature: float = typer.Option(0.8, "--temperature", min=0.01, help="Sampling temperature for --prompt."),
     quiet: bool = QuietOpt,
     verbose: bool = VerboseOpt,
 ) -> None:
-    """Evaluate a saved model on a split; writes eval_results.json and predictions.jsonl."""
+    """Evaluate a saved model on a split; writes eval_results.json and predictions.jsonl (under MODEL/eval/SPLIT)."""
     from hftk.recipe import load_recipe
 
     def action():
@@ -113,9 +115,14 @@ def validate(recipe: Path = RecipeArg, overrides: list[str] | None = OverridesAr
     def action():
         from hftk.run import plan_finetune
 
-        plan = plan_finetune(load_recipe(recipe, overrides))
+        notes: list[str] = []
+        plan = plan_finetune(load_recipe(recipe, overrides), notes)
         sizes = ", ".join(f"{k}: {len(v)} rows" for k, v in plan.splits.items())
-        typer.echo(f"ok: {plan.recipe.task} on a {plan.encoding.family} {plan.config.model_type} model; {sizes}")
+        family = plan.encoding.family
+        article = "an" if family[0] in "aeiou" else "a"
+        typer.echo(f"ok: {plan.recipe.task} on {article} {family} {plan.config.model_type} model; {sizes}")
+        for note in notes:
+            typer.echo(f"note: {note}")
 
     _guarded(action)
 

@@ -16,11 +16,17 @@ CARD_TEMPLATE = """---
 
 Fine-tuned with hftk for **{task}**.
 
-## Results
+## Evaluation
 
 | metric | value |
 | --- | --- |
 {metric_rows}
+
+## Training
+
+| figure | value |
+| --- | --- |
+{training_rows}
 
 ## Training recipe
 
@@ -49,12 +55,20 @@ def write_model_card(output_dir: Path, task: str, recipe_yaml: str, results: dic
 
     data = ModelCardData(library_name="transformers", tags=["hftk", task], base_model=base_model,
                          pipeline_tag=PIPELINE_TASKS.get(task))
-    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(results.items()))
+    evaluation = {k: v for k, v in results.items() if k.startswith("eval_")}
+    training = {k: v for k, v in results.items() if k not in evaluation}
     card = CARD_TEMPLATE.format(
-        card_data=data.to_yaml(), title=Path(output_dir).name, task=task, metric_rows=rows, recipe=recipe_yaml,
+        card_data=data.to_yaml(), title=Path(output_dir).name, task=task, metric_rows=_table_rows(evaluation),
+        training_rows=_table_rows(training), recipe=recipe_yaml,
         auto_class=auto_class, model_ref=model_ref or str(output_dir),
     )
     (Path(output_dir) / "README.md").write_text(card)
+
+
+def _table_rows(figures: dict[str, Any]) -> str:
+    if not figures:
+        return "| - | - |"
+    return "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(figures.items()))
 
 
 def push_run(run_dir: Path, repo_id: str, private: bool, token: str | None, api: Any = None) -> str:

@@ -102,7 +102,8 @@ class DataSource(Section):
 
     path: str
     name: str | None = None
-    split: str = "train"
+    split: str | None = Field(None, description="A Hub dataset's split (default: the key's name, e.g. validation); "
+                                                "a local file has none.")
     revision: str | None = None
 
     _home_expanded = field_validator("path")(_expand_home)
@@ -172,7 +173,7 @@ class TrainSection(Section):
     metric_for_best_model: str = Field("eval_loss", description="The eval metric that picks the best checkpoint "
                                                                 "and drives early stopping (eval_ may be left out).")
     greater_is_better: bool | None = Field(
-        None, description="Whether a larger metric is better [default: false for loss and perplexity, else true].")
+        None, description="Whether a larger metric is better (default: false for loss and perplexity, else true).")
     early_stopping_patience: int | None = Field(
         None, ge=1, le=MAX_STEPS, description="Stop after this many evaluations without improvement (needs eval_steps).")
     early_stopping_threshold: float = Field(0.0, ge=0, description="How much the metric must improve to count.")
