@@ -161,6 +161,34 @@ def report(
     _guarded(action)
 
 
+@app.command()
+def plan(
+    recipe: Path = RecipeArg,
+    overrides: list[str] | None = OverridesArg,
+    config_file: Path | None = typer.Option(None, "--config-file", show_default=False,
+                                            help="The accelerate config the run will use (processes, precision)."),
+    num_processes: int | None = typer.Option(None, "--num-processes", min=1, show_default=False,
+                                             help="Processes to plan for (default: the config's, or 1)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+) -> None:
+    """Parameters, memory per process per strategy, token lengths and padding, steps and FLOPs, without
+    loading weights."""
+    from hftk.recipe import load_recipe
+
+    def action():
+        import json
+
+        from hftk.planning import make_plan, print_plan, read_launch_config
+
+        report = make_plan(load_recipe(recipe, overrides), read_launch_config(config_file, num_processes))
+        if as_json:
+            typer.echo(json.dumps(report.to_dict(), indent=2))
+        else:
+            print_plan(report)
+
+    _guarded(action, quiet=as_json)
+
+
 def _expand_home(path: str | None) -> str | None:
     # the shell leaves `--model=~/run` alone; the recipe's own paths are expanded the same way
     return os.path.expanduser(path) if path else path

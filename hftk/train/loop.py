@@ -20,7 +20,7 @@ from hftk.recipe import TrainSection
 from hftk.tasks.text_to_text import IGNORE_INDEX
 from hftk.tracking import MetricsLog, log
 from hftk.train.best import patience_ran_out, record_evaluation
-from hftk.train.objective import token_counts, token_loss_sums
+from hftk.train.objective import padding_counts, token_counts, token_loss_sums
 from hftk.train.preemption import StopFlag
 from hftk.train.progress import NoProgress
 from hftk.train.state import TrainState
@@ -124,6 +124,7 @@ def train(parts: LoopParts, settings: TrainSection, last_good: Callable[[], str 
     pending_loss = torch.tensor(state.pending_loss if carried else 0.0, device=accelerator.device)
     pending_tokens = torch.tensor(state.pending_tokens if carried else 0, device=accelerator.device)
     divergence = Divergence(accelerator.device)
+    padding = torch.zeros(2, dtype=torch.long, device=accelerator.device)  # [padded, all] positions since start
     total_loss, total_steps_run, started = 0.0, 0, time.perf_counter()
     clock = {"since": time.perf_counter(), "tokens": 0}
     batches_per_epoch = len(parts.loader)
@@ -136,6 +137,7 @@ def train(parts: LoopParts, settings: TrainSection, last_good: Callable[[], str 
             share = train_window(parts, window, settings.max_grad_norm)
             pending_loss += share
             pending_tokens += sum(batch_tokens(b) for b in window)
+            padding += sum(padding_counts(b) for b in window)
             state.optimizer_step += 1
             state.pending_steps += 1
             state.batches_in_epoch += len(window)
@@ -174,8 +176,10 @@ def train(parts: LoopParts, settings: TrainSection, last_good: Callable[[], str 
                 break
     divergence.check(accelerator, last_good)
     runtime = time.perf_counter() - started
+    padded, positions = accelerator.reduce(padding, reduction="sum").tolist()
     return {"train_loss": total_loss / max(total_steps_run, 1), "train_runtime": runtime,
-            "train_tokens_per_second": clock["tokens"] / max(runtime, 1e-9), "train_steps": state.optimizer_step}
+            "train_tokens_per_second": clock["tokens"] / max(runtime, 1e-9), "train_steps": state.optimizer_step,
+            "train_padding_fraction": padded / max(positions, 1)}
 
 
 def _log_row(parts: LoopParts, pending_loss: torch.Tensor, pending_tokens: torch.Tensor, batches_per_epoch: int,
