@@ -189,6 +189,23 @@ def plan(
     _guarded(action, quiet=as_json)
 
 
+@app.command(name="recipe-schema")
+def recipe_schema(as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table.")) -> None:
+    """Every recipe key with its type, default and description."""
+
+    def action():
+        import json
+
+        from hftk.schema import print_schema, recipe_keys
+
+        if as_json:
+            typer.echo(json.dumps(recipe_keys(), indent=2, default=str))
+        else:
+            print_schema()
+
+    _guarded(action)
+
+
 def _expand_home(path: str | None) -> str | None:
     # the shell leaves `--model=~/run` alone; the recipe's own paths are expanded the same way
     return os.path.expanduser(path) if path else path
