@@ -19,7 +19,6 @@ from hftk.errors import UserError
 from hftk.recipe import Recipe
 
 
-
 def _size(num_bytes: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if num_bytes < 1024 or unit == "GiB":

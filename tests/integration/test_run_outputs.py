@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -74,6 +74,6 @@ def test_help_imports_no_ml_library(args):
     result = subprocess.run([sys.executable, "-X", "importtime", "-m", "hftk", *args], cwd=ROOT, capture_output=True,
                             text=True, check=False)
     assert result.returncode == 0
-    imported = {m.group(1) for m in re.finditer(r"\|\s+(\S+)$", result.stderr, re.M)}
+    imported = {m.group(1) for m in re.finditer(r"\|\s+(\S+)$", result.stderr, re.MULTILINE)}
     assert "typer" in imported
     assert not imported & {"torch", "transformers", "datasets", "accelerate", "matplotlib"}
