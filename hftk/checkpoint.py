@@ -42,6 +42,10 @@ def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def checkpoint_at(output_dir: Path, optimizer_step: int) -> Path | None:
+    return next((folder for step, folder in complete_checkpoints(output_dir) if step == optimizer_step), None)
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     found = complete_checkpoints(output_dir)
     return found[-1][1] if found else None
@@ -113,7 +117,7 @@ def _latest_intact(output_dir: Path) -> Path | None:
 
 def save_checkpoint(accelerator: Any, output_dir: Path, optimizer_step: int, recipe_yaml: str,
                     save_total_limit: int | None, save_extra: Callable[[Path], None] | None = None,
-                    data_digest: str | None = None) -> Path:
+                    data_digest: str | None = None, keep_step: int | None = None) -> Path:
     output_dir = Path(output_dir)
     final = output_dir / f"{PREFIX}{optimizer_step}"
     partial = output_dir / f".{PREFIX}{optimizer_step}.partial"
@@ -136,7 +140,7 @@ def save_checkpoint(accelerator: Any, output_dir: Path, optimizer_step: int, rec
             if final.exists():  # a rerun that reached the same step again
                 shutil.rmtree(final)
             os.replace(partial, final)
-            _prune(output_dir, save_total_limit)
+            _prune(output_dir, save_total_limit, keep_step)
     except (OSError, SafetensorError) as err:  # disk full, quota, permissions: earlier checkpoints stay
         shutil.rmtree(partial, ignore_errors=True)
         reason = getattr(err, "strerror", None) or str(err).strip().splitlines()[-1]
@@ -170,7 +174,9 @@ FREE_ON_RESUME = (
     "train.resume_from_checkpoint", "train.overwrite_output_dir", "train.dataloader_num_workers",
     "data.train",  # where the rows live may change; the rows themselves are compared by digest
     "data.validation", "data.test", "data.max_eval_samples", "data.preprocessing_num_workers", "eval",
-    "lora.merge", "hub",  # what is saved or uploaded at the end, not how training goes
+    # what is reported, kept, saved or uploaded, not how the weights move
+    "train.report_to", "hub", "lora.merge", "train.load_best_model_at_end", "train.metric_for_best_model",
+    "train.greater_is_better", "train.early_stopping_patience", "train.early_stopping_threshold",
 )
 
 
@@ -215,11 +221,13 @@ def _write_synced(path: Path, text: str) -> None:
         os.fsync(handle.fileno())
 
 
-def _prune(output_dir: Path, limit: int | None) -> None:
+def _prune(output_dir: Path, limit: int | None, keep_step: int | None = None) -> None:
+    """Keep the newest `limit` checkpoints, and the best one (keep_step) beside them, as Trainer does."""
     if not limit:
         return
-    for _, folder in complete_checkpoints(output_dir)[:-limit]:
-        shutil.rmtree(folder, ignore_errors=True)
+    for step, folder in complete_checkpoints(output_dir)[:-limit]:
+        if step != keep_step:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def library_versions() -> dict[str, str]:

@@ -30,12 +30,27 @@ def _offline_defaults() -> None:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-def _guarded(action: Callable[[], object]) -> None:
+QuietOpt = typer.Option(False, "--quiet", "-q", help="Show errors only: no progress bar, no log lines.")
+VerboseOpt = typer.Option(False, "--verbose", "-v", help="Also show the libraries' own log lines and warnings.")
+
+
+def _verbosity(quiet: bool, verbose: bool) -> str:
+    if quiet and verbose:
+        raise UserError("--quiet and --verbose exclude each other")
+    return "quiet" if quiet else "verbose" if verbose else "normal"
+
+
+def _guarded(action: Callable[[], object], quiet: bool = False, verbose: bool = False) -> None:
     """Known endings (bad input 2, a run that cannot go on 1, preempted 75) print one line on stderr;
     anything else is a bug and keeps its traceback (exit 1)."""
     _offline_defaults()
-    from hftk.tracking import setup_logging
+    from hftk.tracking import set_verbosity, setup_logging
 
+    try:
+        set_verbosity(_verbosity(quiet, verbose))
+    except UserError as err:
+        print(f"hftk: error: {err}", file=sys.stderr)
+        raise typer.Exit(err.exit_status) from None
     setup_logging(_is_main_process())  # before the checks, so their notes (e.g. repaired QA rows) show
     try:
         action()
@@ -47,7 +62,8 @@ def _guarded(action: Callable[[], object]) -> None:
 
 
 @app.command()
-def finetune(recipe: Path = RecipeArg, overrides: list[str] | None = OverridesArg) -> None:
+def finetune(recipe: Path = RecipeArg, overrides: list[str] | None = OverridesArg, quiet: bool = QuietOpt,
+             verbose: bool = VerboseOpt) -> None:
     """Validate the recipe, prepare data, train, evaluate and save."""
     from hftk.recipe import load_recipe
 
@@ -56,21 +72,25 @@ def finetune(recipe: Path = RecipeArg, overrides: list[str] | None = OverridesAr
 
         run_finetune(load_recipe(recipe, overrides))
 
-    _guarded(action)
+    _guarded(action, quiet, verbose)
 
 
 @app.command(name="eval")
 def evaluate(
     recipe: Path = RecipeArg,
     overrides: list[str] | None = OverridesArg,
-    model: str | None = typer.Option(None, "--model", help="Saved model directory [default: train.output_dir]."),
+    model: str | None = typer.Option(None, "--model", show_default=False,
+                                     help="The saved model's directory (default: the recipe's train.output_dir)."),
     split: str = typer.Option("validation", "--split", help="validation, test or train."),
-    output_dir: str | None = typer.Option(None, "--output-dir", help="Where results go [default: the model directory]."),
+    output_dir: str | None = typer.Option(None, "--output-dir", show_default=False,
+                                          help="Where results go (default: MODEL/eval/SPLIT)."),
     prompt: list[str] | None = typer.Option(None, "--prompt", help="Also sample a continuation of this text "
                                                "into samples.jsonl (repeatable)."),
     temperature: float = typer.Option(0.8, "--temperature", min=0.01, help="Sampling temperature for --prompt."),
+    quiet: bool = QuietOpt,
+    verbose: bool = VerboseOpt,
 ) -> None:
-    """Evaluate a saved model on a split; writes eval_results.json and predictions.jsonl."""
+    """Evaluate a saved model on a split; writes eval_results.json and predictions.jsonl (under MODEL/eval/SPLIT)."""
     from hftk.recipe import load_recipe
 
     def action():
@@ -84,7 +104,7 @@ def evaluate(
             for key, value in results.items():
                 typer.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
 
-    _guarded(action)
+    _guarded(action, quiet, verbose)
 
 
 @app.command()
@@ -95,9 +115,14 @@ def validate(recipe: Path = RecipeArg, overrides: list[str] | None = OverridesAr
     def action():
         from hftk.run import plan_finetune
 
-        plan = plan_finetune(load_recipe(recipe, overrides))
+        notes: list[str] = []
+        plan = plan_finetune(load_recipe(recipe, overrides), notes)
         sizes = ", ".join(f"{k}: {len(v)} rows" for k, v in plan.splits.items())
-        typer.echo(f"ok: {plan.recipe.task} on a {plan.encoding.family} {plan.config.model_type} model; {sizes}")
+        family = plan.encoding.family
+        article = "an" if family[0] in "aeiou" else "a"
+        typer.echo(f"ok: {plan.recipe.task} on {article} {family} {plan.config.model_type} model; {sizes}")
+        for note in notes:
+            typer.echo(f"note: {note}")
 
     _guarded(action)
 
@@ -116,6 +141,67 @@ def push(
         if "/" not in repo_id:
             raise UserError(f"--repo-id must be USER/NAME, not '{repo_id}'")
         typer.echo(push_run(run_dir, repo_id, private, token=None))
+
+    _guarded(action)
+
+
+@app.command()
+def report(
+    run_dirs: list[Path] = typer.Argument(..., help="Finished runs' output_dir folders.", show_default=False),
+    output: Path = typer.Option(Path("report.png"), "--output", help="Where the picture goes."),
+) -> None:
+    """Compare finished runs side by side: a table of their results and one picture of their curves."""
+
+    def action():
+        from hftk.report import compare_runs
+
+        compare_runs(run_dirs, output)
+        typer.echo(f"picture: {output}")
+
+    _guarded(action)
+
+
+@app.command()
+def plan(
+    recipe: Path = RecipeArg,
+    overrides: list[str] | None = OverridesArg,
+    config_file: Path | None = typer.Option(None, "--config-file", show_default=False,
+                                            help="The accelerate config the run will use (processes, precision)."),
+    num_processes: int | None = typer.Option(None, "--num-processes", min=1, show_default=False,
+                                             help="Processes to plan for (default: the config's, or 1)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+) -> None:
+    """Parameters, memory per process per strategy, token lengths and padding, steps and FLOPs, without
+    loading weights."""
+    from hftk.recipe import load_recipe
+
+    def action():
+        import json
+
+        from hftk.planning import make_plan, print_plan, read_launch_config
+
+        report = make_plan(load_recipe(recipe, overrides), read_launch_config(config_file, num_processes))
+        if as_json:
+            typer.echo(json.dumps(report.to_dict(), indent=2))
+        else:
+            print_plan(report)
+
+    _guarded(action, quiet=as_json)
+
+
+@app.command(name="recipe-schema")
+def recipe_schema(as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table.")) -> None:
+    """Every recipe key with its type, default and description."""
+
+    def action():
+        import json
+
+        from hftk.schema import print_schema, recipe_keys
+
+        if as_json:
+            typer.echo(json.dumps(recipe_keys(), indent=2, default=str))
+        else:
+            print_schema()
 
     _guarded(action)
 

@@ -61,11 +61,12 @@ def _load_file(path: Path, where: str) -> datasets.Dataset:
 
 
 def _load_hub(source: DataSource, where: str) -> datasets.Dataset:
+    split = source.split or where.rsplit(".", 1)[-1]  # data.validation reads the validation split by default
     try:
-        return datasets.load_dataset(source.path, source.name, split=source.split, revision=source.revision)
+        return datasets.load_dataset(source.path, source.name, split=split, revision=source.revision)
     except ValueError as err:
         if "split" in str(err).lower():
-            raise UserError(f"{where}: dataset '{source.path}' has no split '{source.split}': {_reason(err)}") from None
+            raise UserError(f"{where}: dataset '{source.path}' has no split '{split}': {_reason(err)}") from None
         raise UserError(f"{where}: cannot load dataset '{source.path}': {_reason(err)}") from None
     except Exception as err:  # noqa: BLE001 - offline, auth, missing repo: all mean "cannot load"
         raise UserError(

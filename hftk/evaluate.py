@@ -88,10 +88,11 @@ def evaluate_saved(recipe: Recipe, model_dir: str | None, split: str, output_dir
     model = accelerator.prepare(model)
     loader = eval_loader(plan, accelerator, model, tokenizer, tokenized(plan, accelerator, tokenizer, split, False))
     results, rows = evaluate_split(plan, accelerator, model, tokenizer, split, loader)
-    target = Path(output_dir or model_dir)
+    # A run's own predictions.jsonl and results stay as training left them.
+    target = Path(output_dir) if output_dir else Path(model_dir) / "eval" / split
     if accelerator.is_main_process:
         target.mkdir(parents=True, exist_ok=True)
-        (target / "eval_results.json").write_text(json.dumps(results, indent=2))
+        (target / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
         write_jsonl(target / "predictions.jsonl", rows)
         if prompts:
             write_jsonl(target / "samples.jsonl", sample_continuations(

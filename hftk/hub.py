@@ -13,11 +13,17 @@ CARD_BODY = """
 
 Fine-tuned with hftk for **{task}**{base_line}.
 
-## Results
+## Evaluation
 
 | metric | value |
 | --- | --- |
 {metric_rows}
+
+## Training
+
+| figure | value |
+| --- | --- |
+{training_rows}
 
 ## Training recipe
 
@@ -120,13 +126,20 @@ def write_model_card(output_dir: Path, task: str, recipe_yaml: str, results: dic
         eval_results=eval_results(results, task, Path(dataset).name, dataset if is_hub_id(dataset) else "json",
                                   eval_split) or None,
     )
-    rows = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(results.items()))
+    evaluation = {k: v for k, v in results.items() if k.startswith("eval_")}
+    training = {k: v for k, v in results.items() if k not in evaluation}
     body = CARD_BODY.format(
         title=title, task=task, base_line=f" from [{hub_base}](https://huggingface.co/{hub_base})" if hub_base else "",
-        metric_rows=rows, recipe=recipe_yaml,
+        metric_rows=_table_rows(evaluation), training_rows=_table_rows(training), recipe=recipe_yaml,
         usage=usage_snippet(auto_class, model_ref or str(output_dir), adapter, task),
     )
     ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").save(output_dir / "README.md")
+
+
+def _table_rows(figures: dict[str, Any]) -> str:
+    if not figures:
+        return "| - | - |"
+    return "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(figures.items()))
 
 
 def push_run(run_dir: Path, repo_id: str, private: bool, token: str | None, api: Any = None) -> str:

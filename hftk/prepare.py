@@ -13,7 +13,7 @@ from hftk import data, metrics, models, parallel
 from hftk.recipe import Recipe, TrainSection
 from hftk.tasks import get_task
 from hftk.tasks.base import Encoding, Task
-from hftk.tracking import setup_logging
+from hftk.tracking import import_deepspeed_quietly, setup_logging
 
 
 @dataclass
@@ -42,13 +42,19 @@ def plan_inputs(recipe: Recipe, split_keys: list[str], model_dir: str | None = N
     return Plan(recipe, task, config, encoding, splits)
 
 
-def make_accelerator(settings: TrainSection):
+def make_accelerator(settings: TrainSection, trackers: list[str] | None = None):
+    import_deepspeed_quietly()  # before Accelerate imports it and it prints to stdout
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+    from hftk.trackers import LOGGING_DIR
 
     parallel.launch_problems()
+    project = ProjectConfiguration(project_dir=settings.output_dir,
+                                   logging_dir=str(Path(settings.output_dir) / LOGGING_DIR))
     accelerator = Accelerator(cpu=parallel.cpu_processes(), dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-                              kwargs_handlers=parallel.process_group_kwargs(settings.ddp_timeout))
+                              kwargs_handlers=parallel.process_group_kwargs(settings.ddp_timeout),
+                              log_with=trackers or None, project_config=project)
     parallel.check_world(accelerator)
     set_seed(settings.seed)
     setup_logging(accelerator.is_main_process)

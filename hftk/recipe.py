@@ -25,6 +25,8 @@ SchedulerName = Literal[
     "inverse_sqrt",
 ]
 
+TrackerName = Literal["tensorboard", "wandb", "trackio", "mlflow"]
+
 
 # Upper bounds far past any real run, low enough that numpy, torch and the tokenizers never overflow.
 MAX_TOKENS = 1_000_000  # a sequence length, in tokens
@@ -100,7 +102,8 @@ class DataSource(Section):
 
     path: str
     name: str | None = None
-    split: str = "train"
+    split: str | None = Field(None, description="A Hub dataset's split (default: the key's name, e.g. validation); "
+                                                "a local file has none.")
     revision: str | None = None
 
     _home_expanded = field_validator("path")(_expand_home)
@@ -164,14 +167,55 @@ class TrainSection(Section):
     dataloader_num_workers: int = Field(0, ge=0, le=MAX_WORKERS)
     ddp_timeout: int = Field(1800, ge=10, le=MAX_TIMEOUT_S,
                              description="Seconds a collective may wait for a silent process.")
+    load_best_model_at_end: bool = Field(
+        False, description="Save the weights of the checkpoint with the best evaluation as the final model "
+                           "(needs eval_steps, and save_steps a multiple of eval_steps).")
+    metric_for_best_model: str = Field("eval_loss", description="The eval metric that picks the best checkpoint "
+                                                                "and drives early stopping (eval_ may be left out).")
+    greater_is_better: bool | None = Field(
+        None, description="Whether a larger metric is better (default: false for loss and perplexity, else true).")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, le=MAX_STEPS, description="Stop after this many evaluations without improvement (needs eval_steps).")
+    early_stopping_threshold: float = Field(0.0, ge=0, description="How much the metric must improve to count.")
+    report_to: list[TrackerName] = Field(
+        default_factory=list, description="Experiment trackers that receive the logged metrics, through Accelerate.")
 
     _home_expanded = field_validator("output_dir", "resume_from_checkpoint")(_expand_home)
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _tracker_list(cls, value: Any) -> Any:
+        if value in ("none", None):
+            return []
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("metric_for_best_model")
+    @classmethod
+    def _eval_prefixed(cls, value: str) -> str:
+        return value if value.startswith("eval_") else f"eval_{value}"  # as TrainingArguments does
 
     @model_validator(mode="after")
     def _rerun_mode(self) -> TrainSection:
         if self.resume_from_checkpoint and self.overwrite_output_dir:
             raise ValueError("train.resume_from_checkpoint and train.overwrite_output_dir exclude each other")
         return self
+
+    @model_validator(mode="after")
+    def _best_needs_evaluations(self) -> TrainSection:
+        if self.load_best_model_at_end:
+            if not self.eval_steps or not self.save_steps:
+                raise ValueError("train.load_best_model_at_end needs train.eval_steps and train.save_steps")
+            if self.save_steps % self.eval_steps:
+                raise ValueError(f"train.load_best_model_at_end needs train.save_steps ({self.save_steps}) to be a "
+                                 f"multiple of train.eval_steps ({self.eval_steps}), so every best has a checkpoint")
+        if self.early_stopping_patience and not self.eval_steps:
+            raise ValueError("train.early_stopping_patience needs train.eval_steps (it counts evaluations)")
+        return self
+
+    def best_is_greater(self) -> bool:
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return not self.metric_for_best_model.endswith(("loss", "perplexity"))
 
 
 class EvalSection(Section):
@@ -245,6 +289,13 @@ class Recipe(Section):
         if self.lora is not None and self.model.config is not None:
             raise ValueError("lora needs a pretrained base to load onto: set model.name_or_path instead of "
                              "model.config (train and save a full run first)")
+        return self
+
+    @model_validator(mode="after")
+    def _evaluations_need_data(self) -> Recipe:
+        wants = [k for k in ("load_best_model_at_end", "early_stopping_patience") if getattr(self.train, k)]
+        if wants and self.data.validation is None:
+            raise ValueError(f"train.{wants[0]} needs data.validation to evaluate on")
         return self
 
     def to_dict(self) -> dict[str, Any]:

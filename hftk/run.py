@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hftk import adapters, checkpoint, hub, models, parallel, run_dir
+from hftk import adapters, checkpoint, hub, models, parallel, run_dir, trackers
 from hftk.errors import RunError, UserError
 from hftk.evaluate import evaluate_split, write_jsonl
 from hftk.prepare import (
@@ -24,25 +24,28 @@ from hftk.prepare import (
     tokenized,
 )
 from hftk.recipe import Recipe
-from hftk.tracking import MetricsLog, log
+from hftk.report import write_training_curves
+from hftk.trackers import log_row, start_trackers
+from hftk.tracking import MetricsLog, attach_log_file, log
+from hftk.train.best import best_figures, record_evaluation
 
 
-def plan_finetune(recipe: Recipe) -> Plan:
+def plan_finetune(recipe: Recipe, notes: list[str] | None = None) -> Plan:
+    """Every check finetune makes before it loads a model. With `notes` (validate), what finetune would
+    refuse to do with an existing output_dir is noted there instead of raised: the recipe itself is fine."""
     settings = recipe.train
     output_dir = Path(settings.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"train.output_dir: {output_dir} exists and is a file")
     checkpoint.check_writable(output_dir)
     run_dir.check_no_collisions(output_dir)
-    if settings.resume_from_checkpoint == "latest" and run_dir.finished(output_dir):
-        raise UserError(f"train.output_dir: {output_dir} holds a finished run, so there is nothing to resume; set "
-                        f"train.overwrite_output_dir=true to train it afresh, or choose another output_dir")
-    resume_from = checkpoint.resolve_resume(output_dir, settings.resume_from_checkpoint)
-    if run_dir.holds_run(output_dir) and not settings.overwrite_output_dir and not settings.resume_from_checkpoint:
-        raise UserError(
-            f"train.output_dir: {output_dir} already holds a run; set train.resume_from_checkpoint=latest to "
-            f"continue it, train.overwrite_output_dir=true to start afresh, or choose another output_dir"
-        )
+    refusal = rerun_refusal(settings)
+    if refusal and notes is None:
+        raise UserError(refusal)
+    resume_from = None if refusal else checkpoint.resolve_resume(output_dir, settings.resume_from_checkpoint)
+    if notes is not None:
+        notes.append(f"finetune would stop (exit 2): {refusal}" if refusal else output_dir_note(settings, resume_from))
+    trackers.check_installed(list(settings.report_to))
     plan = plan_inputs(recipe, ["train", "validation"])
     plan.train_digest = checkpoint.train_data_digest(recipe.data.train, plan.splits["train"])
     if resume_from is not None:
@@ -53,12 +56,33 @@ def plan_finetune(recipe: Recipe) -> Plan:
     return plan
 
 
+def rerun_refusal(settings: Any) -> str | None:
+    """Why finetune would stop at once on what output_dir already holds, or None."""
+    output_dir = Path(settings.output_dir)
+    if settings.resume_from_checkpoint == "latest" and run_dir.finished(output_dir):
+        return (f"train.output_dir: {output_dir} holds a finished run, so there is nothing to resume; set "
+                f"train.overwrite_output_dir=true to train it afresh, or choose another output_dir")
+    if run_dir.holds_run(output_dir) and not settings.overwrite_output_dir and not settings.resume_from_checkpoint:
+        return (f"train.output_dir: {output_dir} already holds a run; set train.resume_from_checkpoint=latest to continue it, train.overwrite_output_dir=true to "
+                f"start afresh, or choose another output_dir")
+    return None
+
+
+def output_dir_note(settings: Any, resume_from: Path | None) -> str:
+    output_dir = Path(settings.output_dir)
+    if resume_from is not None:
+        return f"train.output_dir: finetune would resume from {resume_from}"
+    if settings.overwrite_output_dir and run_dir.holds_run(output_dir):
+        return f"train.output_dir: finetune would remove the earlier run's files in {output_dir} and start afresh"
+    return f"train.output_dir: finetune would start a new run in {output_dir}"
+
+
 def finetune(recipe: Recipe) -> dict[str, Any]:
     """plan (every check) -> tokenizer and data -> output dir -> model and loop -> train -> finish."""
     from hftk.train.loop import train
 
     plan = plan_finetune(recipe)
-    accelerator = make_accelerator(recipe.train)
+    accelerator = make_accelerator(recipe.train, list(recipe.train.report_to))
     strategy = parallel.strategy_for(recipe.parallel, accelerator)
     tokenizer = build_tokenizer(plan, accelerator)
     # Tokenize before anything is written: rows that cannot be encoded are bad input too.
@@ -66,11 +90,13 @@ def finetune(recipe: Recipe) -> dict[str, Any]:
     validation_features = (tokenized(plan, accelerator, tokenizer, "validation", training=False)
                            if "validation" in plan.splits else None)
     start_output_dir(accelerator, recipe)
+    start_trackers(accelerator, recipe)
     parts, evaluate, sizes = setup_training(plan, accelerator, strategy, tokenizer, train_features, validation_features)
     log.info(f"training {parts.total_steps} optimizer steps on {accelerator.num_processes} process(es)")
     try:
         train_results = train(parts, recipe.train, lambda: _latest(recipe.train.output_dir))
     finally:
+        parts.progress.close()
         parts.stop.uninstall()
     return finish(plan, parts, strategy, tokenizer, {**train_results, **sizes}, evaluate)
 
@@ -83,6 +109,7 @@ def start_output_dir(accelerator: Any, recipe: Recipe) -> None:
             run_dir.clear_previous(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         run_dir.start(output_dir)
+        attach_log_file(output_dir)
         (output_dir / "recipe.yaml").write_text(recipe.dump_yaml())
     accelerator.wait_for_everyone()
 
@@ -100,6 +127,7 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, 
     from hftk.train.loop import LoopParts
     from hftk.train.optim import build_optimizer, build_scheduler, total_optimizer_steps
     from hftk.train.preemption import StopFlag
+    from hftk.train.progress import start_progress
     from hftk.train.state import TrainState
 
     recipe, settings = plan.recipe, plan.recipe.train
@@ -122,7 +150,8 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, 
     scheduler = build_scheduler(optimizer, settings, total_steps)
     state = TrainState()
     accelerator.register_for_checkpointing(scheduler, state)
-    metrics_log = MetricsLog(output_dir, accelerator.is_main_process)
+    forward = (lambda row: log_row(accelerator, row)) if settings.report_to else None
+    metrics_log = MetricsLog(output_dir, accelerator.is_main_process, forward)
     if plan.resume_from is not None:
         log.info(f"resuming from {plan.resume_from}")
         accelerator.load_state(str(plan.resume_from))
@@ -141,19 +170,33 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, 
     def save() -> str:
         return str(checkpoint.save_checkpoint(
             accelerator, output_dir, state.optimizer_step, recipe.dump_yaml(), settings.save_total_limit,
-            lambda folder: strategy.save_extra(accelerator, folder, model, optimizer), plan.train_digest))
+            lambda folder: strategy.save_extra(accelerator, folder, model, optimizer), plan.train_digest,
+            keep_step=state.best_step if settings.load_best_model_at_end else None))
 
+    progress = start_progress(accelerator.is_main_process, total_steps, state.optimizer_step)
     parts = LoopParts(accelerator, model, optimizer, scheduler, loader, plan.encoding.family, total_steps, state,
-                      metrics_log, evaluate and (lambda: evaluate()[0]), save, StopFlag().install())
+                      metrics_log, evaluate and (lambda: evaluate()[0]), save, StopFlag().install(), progress)
     return parts, evaluate, sizes
 
 
 def finish(plan: Plan, parts: Any, strategy: Any, tokenizer: Any, train_results: dict,
            evaluate: Any) -> dict[str, Any]:
-    """The final checkpoint, the whole model, the last evaluation, results and the model card."""
-    recipe, accelerator, model = plan.recipe, parts.accelerator, parts.model
+    """The final checkpoint, the last evaluation, the best checkpoint's weights where asked, the whole
+    model, results and the model card."""
+    recipe, accelerator, model, state = plan.recipe, parts.accelerator, parts.model, parts.state
     output_dir = Path(recipe.train.output_dir)
     parts.save()
+    results = dict(train_results)
+    rows = None
+    if evaluate is not None:
+        eval_results, rows = evaluate()
+        parts.metrics_log.write({"step": state.optimizer_step, **eval_results})
+        record_evaluation(state, recipe.train, eval_results, checkpointed=True)
+        if recipe.train.load_best_model_at_end and state.best_step != state.optimizer_step:
+            restore_best(parts, strategy, recipe.train)
+            eval_results, rows = evaluate()  # what the saved model scores, predictions included
+        results.update(eval_results)
+        results.update(best_figures(state))
     save = adapters.save_adapter if plan.adapter is not None else save_model
     try:
         save(accelerator, accelerator.unwrap_model(model), strategy.full_state_dict(accelerator, model),
@@ -161,24 +204,20 @@ def finish(plan: Plan, parts: Any, strategy: Any, tokenizer: Any, train_results:
     except OSError as err:
         raise RunError(f"cannot write the final model in {output_dir}: {err.strerror or err}; "
                        f"the final checkpoint is complete") from None
-    results = dict(train_results)
-    if evaluate is not None:
-        eval_results, rows = evaluate()
-        results.update(eval_results)
-        parts.metrics_log.write({"step": parts.state.optimizer_step, **eval_results})
-        if accelerator.is_main_process:
-            write_jsonl(output_dir / "predictions.jsonl", rows)
     if accelerator.is_main_process:
+        if rows is not None:
+            write_jsonl(output_dir / "predictions.jsonl", rows)
         if plan.adapter is not None and recipe.lora.merge:
             # a fresh config: loading the training base may have resized its vocabulary in place
             base = models.build_model(recipe.model, models.resolve_config(recipe.model), plan.encoding, tokenizer)
             log.info(f"merged model saved in {adapters.save_merged(output_dir, base, tokenizer)}")
-        (output_dir / "all_results.json").write_text(json.dumps(results, indent=2))
+        (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_training_curves(output_dir)
         sources = [source.path for source in (recipe.data.train, recipe.data.validation) if source is not None]
         hub.write_model_card(output_dir, recipe.task, recipe.dump_yaml(), results, recipe.model.name_or_path,
-                         plan.encoding.auto_class, adapter=plan.adapter is not None, datasets=sources,
-                         eval_dataset=recipe.data.validation and recipe.data.validation.path,
-                         model_ref=recipe.hub.repo_id if recipe.hub and recipe.hub.push else None)
+                             plan.encoding.auto_class, adapter=plan.adapter is not None, datasets=sources,
+                             eval_dataset=recipe.data.validation and recipe.data.validation.path,
+                             model_ref=recipe.hub.repo_id if recipe.hub and recipe.hub.push else None)
         run_dir.mark_finished(output_dir)
         url = hub.push_finished_run(recipe.hub, output_dir)
         if url:
@@ -186,6 +225,19 @@ def finish(plan: Plan, parts: Any, strategy: Any, tokenizer: Any, train_results:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
+
+
+def restore_best(parts: Any, strategy: Any, settings: Any) -> None:
+    """Load the best checkpoint's weights; the loop's own position stays that of the end of training."""
+    state = parts.state
+    folder = checkpoint.checkpoint_at(Path(settings.output_dir), state.best_step)
+    if folder is None:
+        raise RunError(f"the best checkpoint (optimizer step {state.best_step}) is gone from {settings.output_dir}")
+    position = state.state_dict()
+    parts.accelerator.load_state(str(folder))
+    strategy.load_extra(parts.accelerator, folder, parts.model, parts.optimizer)
+    state.load_state_dict(position)
+    log.info(f"loaded the best checkpoint {folder.name} ({settings.metric_for_best_model}={state.best_metric:.4g})")
 
 
 def save_model(accelerator: Any, model: Any, state_dict: dict, tokenizer: Any, output_dir: Path) -> None:

@@ -13,6 +13,7 @@ import fnmatch
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 from hftk.errors import UserError
@@ -101,7 +102,14 @@ def start(output_dir: Path) -> None:
     """Claim the folder before the first write: what is here now and not hftk's is the user's."""
     output_dir = Path(output_dir)
     users = sorted(entries(output_dir) - written(output_dir))
-    _write(output_dir, {"user_entries": users, "finished": False})
+    # A resumed run keeps its id, so experiment trackers continue the run they were logging.
+    run_id = (read(output_dir) or {}).get("run_id") or uuid.uuid4().hex[:16]
+    earlier = {k: v for k, v in (read(output_dir) or {}).items() if k == "tracker_ids"}
+    _write(output_dir, {"user_entries": users, "finished": False, "run_id": run_id, **earlier})
+
+
+def update(output_dir: Path, **fields) -> None:
+    _write(output_dir, {**(read(output_dir) or {}), **fields})
 
 
 def mark_finished(output_dir: Path) -> None:

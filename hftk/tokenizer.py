@@ -57,7 +57,8 @@ def train_tokenizer(texts: Iterable[str], spec: TokenizerTraining, family: str) 
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=spec.vocab_size, min_frequency=spec.min_frequency,
-                                  special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+                                  special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)  # its bars print blank lines on stdout off a terminal
     backend.train_from_iterator(texts, trainer)
     ids = {tok: backend.token_to_id(tok) for tok in SPECIAL_TOKENS}
     template = None

@@ -18,9 +18,11 @@ from accelerate import skip_first_batches
 from hftk.errors import Preempted, RunError
 from hftk.recipe import TrainSection
 from hftk.tasks.text_to_text import IGNORE_INDEX
-from hftk.tracking import MetricsLog
-from hftk.train.objective import token_counts, token_loss_sums
+from hftk.tracking import MetricsLog, log
+from hftk.train.best import patience_ran_out, record_evaluation
+from hftk.train.objective import padding_counts, token_counts, token_loss_sums
 from hftk.train.preemption import StopFlag
+from hftk.train.progress import NoProgress
 from hftk.train.state import TrainState
 
 
@@ -38,6 +40,7 @@ class LoopParts:
     evaluate: Callable[[], dict[str, float]] | None  # eval_* metrics at the current step
     save: Callable[[], str]  # a full checkpoint at the current step; returns its folder
     stop: StopFlag
+    progress: NoProgress
 
 
 def windows(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -121,10 +124,12 @@ def train(parts: LoopParts, settings: TrainSection, last_good: Callable[[], str 
     pending_loss = torch.tensor(state.pending_loss if carried else 0.0, device=accelerator.device)
     pending_tokens = torch.tensor(state.pending_tokens if carried else 0, device=accelerator.device)
     divergence = Divergence(accelerator.device)
+    padding = torch.zeros(2, dtype=torch.long, device=accelerator.device)  # [padded, all] positions since start
     total_loss, total_steps_run, started = 0.0, 0, time.perf_counter()
     clock = {"since": time.perf_counter(), "tokens": 0}
     batches_per_epoch = len(parts.loader)
-    while state.optimizer_step < parts.total_steps:
+    patience_over = patience_ran_out(state, settings)  # a resumed run that had already run out of patience
+    while state.optimizer_step < parts.total_steps and not patience_over:
         parts.loader.set_epoch(state.epoch)
         # Resuming mid-epoch: the same shuffled order, minus what the interrupted run consumed.
         batches = skip_first_batches(parts.loader, state.batches_in_epoch) if state.batches_in_epoch else parts.loader
@@ -132,6 +137,7 @@ def train(parts: LoopParts, settings: TrainSection, last_good: Callable[[], str 
             share = train_window(parts, window, settings.max_grad_norm)
             pending_loss += share
             pending_tokens += sum(batch_tokens(b) for b in window)
+            padding += sum(padding_counts(b) for b in window)
             state.optimizer_step += 1
             state.pending_steps += 1
             state.batches_in_epoch += len(window)
@@ -139,6 +145,7 @@ def train(parts: LoopParts, settings: TrainSection, last_good: Callable[[], str 
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
             step = state.optimizer_step
             divergence.record(share, step)
+            parts.progress.advance(step, state.epoch + state.batches_in_epoch / batches_per_epoch)
             if step % settings.logging_steps == 0 or step == parts.total_steps:
                 divergence.check(accelerator, last_good)
                 row = _log_row(parts, pending_loss, pending_tokens, batches_per_epoch, clock)
@@ -146,10 +153,14 @@ def train(parts: LoopParts, settings: TrainSection, last_good: Callable[[], str 
                 total_steps_run += state.pending_steps
                 pending_loss.zero_(), pending_tokens.zero_()
                 state.pending_steps = 0
+            saving = bool(settings.save_steps) and step % settings.save_steps == 0 and step < parts.total_steps
             if parts.evaluate and settings.eval_steps and step % settings.eval_steps == 0 and step < parts.total_steps:
-                parts.metrics_log.write({"step": step, **parts.evaluate()})
+                scores = parts.evaluate()
+                parts.metrics_log.write({"step": step, **scores})
+                record_evaluation(state, settings, scores, checkpointed=saving)
+                patience_over = patience_ran_out(state, settings)
             stopping = parts.stop.agreed(accelerator)
-            if stopping or (settings.save_steps and step % settings.save_steps == 0 and step < parts.total_steps):
+            if stopping or saving:
                 divergence.check(accelerator, last_good)
                 state.pending_loss = accelerator.reduce(pending_loss.clone(), reduction="sum").item()
                 state.pending_tokens = int(accelerator.reduce(pending_tokens.clone(), reduction="sum").item())
@@ -157,12 +168,18 @@ def train(parts: LoopParts, settings: TrainSection, last_good: Callable[[], str 
             if stopping:
                 raise Preempted(f"received {parts.stop.received}; saved {folder} at optimizer step {step}; "
                                 f"rerun with train.resume_from_checkpoint=latest to continue")
+            if patience_over:
+                log.info(f"early stopping at optimizer step {step}: {settings.metric_for_best_model} has not improved "
+                         f"for {state.evaluations_without_improvement} evaluations")
+                break
             if step >= parts.total_steps:
                 break
     divergence.check(accelerator, last_good)
     runtime = time.perf_counter() - started
+    padded, positions = accelerator.reduce(padding, reduction="sum").tolist()
     return {"train_loss": total_loss / max(total_steps_run, 1), "train_runtime": runtime,
-            "train_tokens_per_second": clock["tokens"] / max(runtime, 1e-9), "train_steps": state.optimizer_step}
+            "train_tokens_per_second": clock["tokens"] / max(runtime, 1e-9), "train_steps": state.optimizer_step,
+            "train_padding_fraction": padded / max(positions, 1)}
 
 
 def _log_row(parts: LoopParts, pending_loss: torch.Tensor, pending_tokens: torch.Tensor, batches_per_epoch: int,
@@ -180,4 +197,5 @@ def _log_row(parts: LoopParts, pending_loss: torch.Tensor, pending_tokens: torch
     }
     clock["since"], clock["tokens"] = now, clock["tokens"] + tokens
     parts.metrics_log.write(row)
+    parts.progress.show(row)
     return row

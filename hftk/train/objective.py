@@ -59,3 +59,14 @@ def span_losses(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def without_index(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k != EXAMPLE_INDEX}
+
+
+def padding_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[padded positions, all positions] of a collated batch: the encoder (or decoder-only) inputs, and
+    for an encoder-decoder model the labels too. `hftk plan` counts with this same function."""
+    mask = batch["attention_mask"]
+    padded, total = (mask == 0).sum(), torch.tensor(mask.numel(), device=mask.device)
+    if "decoder_input_ids" in batch:  # decoder labels are -100 only where padded
+        padded = padded + (batch["labels"] == IGNORE_INDEX).sum()
+        total = total + batch["labels"].numel()
+    return torch.stack([padded, total])

@@ -14,10 +14,16 @@ class TrainState:
     pending_loss: float = 0.0
     pending_steps: int = 0
     pending_tokens: int = 0
+    # The best evaluation with a checkpoint (load_best_model_at_end) and early stopping's count.
+    best_metric: float | None = None
+    best_step: int = 0
+    stop_best_metric: float | None = None
+    evaluations_without_improvement: int = 0
 
     def state_dict(self) -> dict:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        for field in fields(self):
-            setattr(self, field.name, state[field.name])
+        for field in fields(self):  # checkpoints from before a field existed keep its default
+            if field.name in state:
+                setattr(self, field.name, state[field.name])

@@ -277,7 +277,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, case):
 def test_validate_command_agrees(tmp_path):
     good = write_recipe(tmp_path, tiny_recipe(tmp_path))
     ok = CliRunner().invoke(app, ["validate", str(good)])
-    assert ok.exit_code == 0 and "ok: summarization on a encoder-decoder t5 model" in ok.output
+    assert ok.exit_code == 0 and "ok: summarization on an encoder-decoder t5 model" in ok.output
     bad = CliRunner().invoke(app, ["validate", str(good), "data.source_column=text"])
     assert bad.exit_code == 2 and "missing column 'text'" in bad.stderr
     assert not (tmp_path / "run").exists()

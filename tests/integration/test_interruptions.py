@@ -83,7 +83,7 @@ CASES = [(family, fault) for family in MODELS for fault in KILLS
 def test_sigkill_then_resume_is_bit_identical_with_dropout(family, fault, unbroken, tmp_path):
     train, what = KILLS[fault]
     killed = run_hftk("finetune", str(recipe_path(tmp_path, "run", family, **train)),
-                      env={"HFTK_FAULT": fault, "PYTHONPATH": FAULTS})
+                      env={"HFTK_FAULT": fault, "PYTHONPATH": f"{FAULTS}:{ROOT}"})
     assert killed.returncode == -signal.SIGKILL, f"{what}: the fault did not fire"
     if fault.startswith("save"):
         assert list((tmp_path / "run").glob(".checkpoint-*.partial")), "the write was cut off midway"
@@ -145,7 +145,7 @@ def test_a_dead_process_ends_the_others_quickly(tmp_path):
     launcher = accelerate_launch("ddp.yaml")
     started = time.time()
     result = run_hftk("finetune", str(recipe_path(tmp_path, "run", save_steps=3)), launcher=launcher, timeout=180,
-                      env={"HFTK_FAULT": "step:4:1", "PYTHONPATH": FAULTS})
+                      env={"HFTK_FAULT": "step:4:1", "PYTHONPATH": f"{FAULTS}:{ROOT}"})
     assert result.returncode != 0
     assert time.time() - started < 120
     assert (tmp_path / "run" / "checkpoint-3" / MANIFEST).is_file()  # the last good checkpoint survives
@@ -193,7 +193,7 @@ def test_full_disk_during_a_save_leaves_earlier_checkpoints_intact(tmp_path):
 
 def test_resume_with_other_training_settings_is_refused(tmp_path):
     first = run_hftk("finetune", str(recipe_path(tmp_path, "run", max_steps=6)),
-                     env={"HFTK_FAULT": "step:5", "PYTHONPATH": FAULTS})
+                     env={"HFTK_FAULT": "step:5", "PYTHONPATH": f"{FAULTS}:{ROOT}"})
     assert first.returncode == -signal.SIGKILL  # stopped after checkpoint-4
     result = run_hftk("finetune", str(recipe_path(tmp_path, "run", max_steps=6)), "train.resume_from_checkpoint=latest",
                       "train.learning_rate=0.5", "train.logging_steps=7")

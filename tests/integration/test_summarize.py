@@ -71,14 +71,16 @@ def test_saved_model_reloads_in_plain_transformers(trained):
     assert text == stored
 
 
-def test_eval_command_reproduces_final_metrics(trained, tmp_path):
-    result = run_hftk("eval", RECIPE, f"train.output_dir={trained}", "train.num_train_epochs=2",
-                      "--output-dir", str(tmp_path))
+def test_eval_command_reproduces_final_metrics(trained):
+    own_predictions = (trained / "predictions.jsonl").read_text()
+    result = run_hftk("eval", RECIPE, f"train.output_dir={trained}", "train.num_train_epochs=2")
     assert result.returncode == 0, result.stderr[-3000:]
-    again, final = _results(tmp_path, "eval_results.json"), _results(trained)
+    written = trained / "eval" / "validation"  # the default: beside the run's own files, never over them
+    again, final = _results(written, "eval_results.json"), _results(trained)
     for key in ("eval_rouge1", "eval_rouge2", "eval_rougeL", "eval_rougeLsum", "eval_loss"):
         assert again[key] == pytest.approx(final[key], abs=1e-6), key
-    assert (tmp_path / "predictions.jsonl").read_text() == (trained / "predictions.jsonl").read_text()
+    assert (written / "predictions.jsonl").read_text() == own_predictions
+    assert (trained / "predictions.jsonl").read_text() == own_predictions
 
 
 def test_rerun_refuses_and_leaves_the_run_untouched(trained):

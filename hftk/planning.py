@@ -1,0 +1,289 @@
+"""`hftk plan`: what a recipe will cost before it runs. Loads the data and the tokenizer, builds the model
+on the meta device (no weights, no memory), and works out parameters, memory per process for each
+strategy, token lengths and padding, steps and FLOPs.
+
+Model-state memory follows the ZeRO paper (Rajbhandari et al., 2020): Adam in fp32 keeps 16 bytes per
+parameter (4 weights + 4 gradients + 8 moments); mixed precision keeps 2 + 2 + 12 (16-bit weights and
+gradients, fp32 master weights and moments).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hftk.errors import UserError
+from hftk.recipe import Recipe
+
+
+def _size(num_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024 or unit == "GiB":
+            return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{num_bytes:.0f} B"
+        num_bytes /= 1024
+    return ""
+
+
+@dataclass
+class Precision:
+    name: str  # "no" (fp32), "bf16" or "fp16", as Accelerate names mixed_precision
+    weights: int
+    gradients: int
+    optimizer: int
+
+
+PRECISIONS = {"no": Precision("no", 4, 4, 8), "bf16": Precision("bf16", 2, 2, 12), "fp16": Precision("fp16", 2, 2, 12)}
+
+
+@dataclass
+class LaunchShape:
+    num_processes: int = 1
+    mixed_precision: str = "no"
+    strategy: str = "ddp"  # the row of the memory table this accelerate config runs
+
+
+def read_launch_config(path: Path | None, num_processes: int | None) -> LaunchShape:
+    """The process count, precision and strategy of an accelerate config (or one plain process)."""
+    import yaml
+
+    shape = LaunchShape()
+    if path is not None:
+        try:
+            config = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise UserError(f"--config-file: cannot read {path}: {err}") from None
+        shape.num_processes = int(config.get("num_processes", 1))
+        shape.mixed_precision = str(config.get("mixed_precision", "no"))
+        shape.strategy = _strategy_of(config)
+    if num_processes is not None:
+        shape.num_processes = num_processes
+    if shape.mixed_precision not in PRECISIONS:
+        raise UserError(f"--config-file: mixed_precision '{shape.mixed_precision}' is not no, bf16 or fp16")
+    return shape
+
+
+def _strategy_of(config: dict[str, Any]) -> str:
+    kind = str(config.get("distributed_type", "NO")).upper()
+    if kind == "DEEPSPEED":
+        deepspeed = config.get("deepspeed_config", {})
+        stage = int(deepspeed.get("zero_stage", 0))
+        offloaded = any(deepspeed.get(k, "none") not in ("none", None) for k in
+                        ("offload_optimizer_device", "offload_param_device"))
+        return f"zero{stage}" + ("_offload" if offloaded and stage >= 2 else "")
+    if kind == "FSDP":
+        reshard = config.get("fsdp_config", {}).get("fsdp_reshard_after_forward", True)
+        return "fsdp" if reshard not in (False, "SHARD_GRAD_OP") else "fsdp_shard_grad_op"
+    return "ddp"
+
+
+def model_state_memory(num_params: int, precision: Precision, processes: int) -> dict[str, dict[str, float]]:
+    """Bytes per process for weights + gradients + optimizer states: {strategy: {"device": B, "cpu": B}}."""
+    p, g, o = (num_params * b for b in (precision.weights, precision.gradients, precision.optimizer))
+    n = processes
+    return {
+        "ddp": {"device": p + g + o, "cpu": 0},
+        "zero1": {"device": p + g + o / n, "cpu": 0},
+        "zero2": {"device": p + (g + o) / n, "cpu": 0},
+        "zero2_offload": {"device": p + g / n, "cpu": o / n},  # optimizer states and their step on the CPU
+        "zero3": {"device": (p + g + o) / n, "cpu": 0},
+        "zero3_offload": {"device": 0, "cpu": (p + g + o) / n},  # only the layer being computed is gathered
+        "fsdp_shard_grad_op": {"device": p + (g + o) / n, "cpu": 0},
+        "fsdp": {"device": (p + g + o) / n, "cpu": 0},
+    }
+
+
+def activation_bytes(config: Any, batch_size: int, source_len: int, target_len: int, family: str,
+                     precision: Precision, checkpointing: bool) -> float:
+    """A rough estimate per process (Korthikanti et al., 2022: s*b*h*(34 + 5*a*s/h) bytes per layer in
+    16-bit); with gradient checkpointing only each layer's input (2*s*b*h) is kept."""
+    hidden = _first(config, "hidden_size", "d_model", "n_embd")
+    heads = _first(config, "num_attention_heads", "num_heads", "n_head")
+    layers = _first(config, "num_hidden_layers", "num_layers", "n_layer")
+    decoder_layers = _first(config, "num_decoder_layers", "decoder_layers") or layers
+    scale = precision.weights / 2
+
+    def per_layer(length: int) -> float:
+        if checkpointing:
+            return 2 * length * batch_size * hidden * scale
+        return length * batch_size * hidden * (34 + 5 * heads * length / hidden) * scale
+
+    if family == "encoder-decoder":
+        return layers * per_layer(source_len) + decoder_layers * per_layer(target_len)
+    return layers * per_layer(source_len if family == "encoder-only" else source_len + target_len)
+
+
+def _first(config: Any, *names: str) -> int:
+    return next((int(getattr(config, n)) for n in names if getattr(config, n, None)), 0)
+
+
+@dataclass
+class LengthStats:
+    count: int
+    mean: float
+    p50: int
+    p90: int
+    p99: int
+    max: int
+    at_limit: float  # the share of examples cut to the length limit
+
+
+def length_stats(lengths: list[int], limit: int) -> LengthStats:
+    ordered = sorted(lengths)
+
+    def pct(q: float) -> int:
+        return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+    return LengthStats(len(ordered), sum(ordered) / len(ordered), pct(0.5), pct(0.9), pct(0.99), ordered[-1],
+                       sum(1 for n in ordered if n >= limit) / len(ordered))
+
+
+@dataclass
+class PlanReport:
+    task: str
+    model_type: str
+    family: str
+    parameters: int
+    trainable_parameters: int
+    launch: LaunchShape
+    memory_per_process: dict[str, dict[str, float]]
+    activation_bytes_per_process: float
+    source_lengths: LengthStats
+    target_lengths: LengthStats | None
+    padding_fraction: float
+    train_examples: int
+    steps_per_epoch: int
+    total_steps: int
+    tokens_per_step: float
+    flops_per_step: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _OneProcess:
+    """What prepare's helpers ask of an accelerator, for a plan made in this one process."""
+
+    is_main_process = True
+    num_processes = 1
+
+    @contextlib.contextmanager
+    def main_process_first(self):
+        yield
+
+
+def meta_model(plan: Any, tokenizer: Any) -> Any:
+    """The model the run would build, on the meta device: shapes without storage."""
+    import torch
+    import transformers
+
+    from hftk.models import align_with_tokenizer
+
+    auto_class = getattr(transformers, plan.encoding.auto_class)
+    section = plan.recipe.model
+    config = (align_with_tokenizer(plan.config, tokenizer, section.config) if section.config is not None
+              else plan.config)
+    with torch.device("meta"):
+        model = auto_class.from_config(config, trust_remote_code=section.trust_remote_code)
+        if section.config is None and model.get_input_embeddings().num_embeddings < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer))
+    return model
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(all, trainable); tied weights (shared embeddings, an lm_head tied to them) count once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def padding_fraction(features: Any, collator: Any, batch_size: int, seed: int, processes: int) -> float:
+    """The share of padded positions over the first epoch of the run's own loaders: Accelerate's
+    seeded sampler and split over processes, the task's collator, and the run's padding_counts."""
+    import torch
+    from accelerate.data_loader import prepare_data_loader
+
+    from hftk.prepare import make_loader
+    from hftk.train.objective import padding_counts
+
+    counts = torch.zeros(2, dtype=torch.long)
+    for rank in range(processes):
+        torch.manual_seed(seed)  # the sampler's seed, as set_seed(train.seed) leaves it in the run
+        loader = prepare_data_loader(make_loader(features, collator, batch_size, True, seed), num_processes=processes,
+                                     process_index=rank, put_on_device=False, use_seedable_sampler=True)
+        loader.set_epoch(0)
+        for batch in loader:
+            counts += padding_counts(batch)
+    return counts[0].item() / max(counts[1].item(), 1)
+
+
+def make_plan(recipe: Recipe, launch: LaunchShape) -> PlanReport:
+    from hftk.prepare import build_tokenizer, decoder_inputs_for, plan_inputs, tokenized
+    from hftk.train.optim import total_optimizer_steps
+
+    settings = recipe.train
+    plan = plan_inputs(recipe, ["train"])
+    one = _OneProcess()
+    tokenizer = build_tokenizer(plan, one)
+    features = tokenized(plan, one, tokenizer, "train", training=True)
+    model = meta_model(plan, tokenizer)
+    total, trainable = count_parameters(model)
+    collator = plan.task.collator(tokenizer, plan.encoding.family, decoder_inputs_for(model))
+
+    source = [sum(mask) for mask in features["attention_mask"]]
+    target = ([sum(1 for t in labels if t != -100) for labels in features["labels"]]
+              if plan.encoding.family == "encoder-decoder" else None)
+    n = launch.num_processes
+    batches_per_process = math.ceil(len(features) / (settings.per_device_train_batch_size * n))
+    steps_per_epoch = math.ceil(batches_per_process / settings.gradient_accumulation_steps)
+    global_batch = settings.per_device_train_batch_size * n * settings.gradient_accumulation_steps
+    mean_tokens = sum(source) / len(source) + (sum(target) / len(target) if target else 0)
+    tokens_per_step = mean_tokens * global_batch
+    precision = PRECISIONS[launch.mixed_precision]
+    source_stats = length_stats(source, recipe.data.max_source_length)
+    target_stats = length_stats(target, recipe.data.max_target_length) if target else None
+    activations = activation_bytes(plan.config, settings.per_device_train_batch_size, source_stats.max,
+                                   target_stats.max if target_stats else 0, plan.encoding.family, precision,
+                                   recipe.model.gradient_checkpointing)
+    return PlanReport(
+        task=recipe.task, model_type=plan.config.model_type, family=plan.encoding.family, parameters=total,
+        trainable_parameters=trainable, launch=launch,
+        memory_per_process=model_state_memory(trainable, precision, n),
+        activation_bytes_per_process=activations, source_lengths=source_stats, target_lengths=target_stats,
+        padding_fraction=padding_fraction(features, collator, settings.per_device_train_batch_size, settings.seed, n),
+        train_examples=len(features), steps_per_epoch=steps_per_epoch,
+        total_steps=total_optimizer_steps(settings, batches_per_process), tokens_per_step=tokens_per_step,
+        flops_per_step=6 * total * tokens_per_step,
+    )
+
+
+def print_plan(report: PlanReport) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    launch = report.launch
+    console.print(f"[bold]{report.task}[/] on {'an' if report.family[0] in 'aeiou' else 'a'} {report.family} "
+                  f"{report.model_type} model: {report.parameters:,} parameters ({report.trainable_parameters:,} "
+                  f"trained); {launch.num_processes} process(es), mixed_precision={launch.mixed_precision}")
+    memory = Table(title="model states per process (weights + gradients + optimizer)")
+    for column in ("strategy", "device", "CPU", "+ activations (estimate)"):
+        memory.add_column(column, justify="left" if column == "strategy" else "right")
+    for name, where in report.memory_per_process.items():
+        mark = " (this config)" if name == launch.strategy else ""
+        memory.add_row(name + mark, _size(where["device"]), _size(where["cpu"]), _size(report.activation_bytes_per_process))
+    console.print(memory)
+    lengths = Table(title=f"training tokens per example ({report.train_examples} examples)")
+    for column in ("", "mean", "p50", "p90", "p99", "max", "at the limit (truncated)"):
+        lengths.add_column(column, justify="right")
+    for name, stats in (("source", report.source_lengths), ("target", report.target_lengths)):
+        if stats is not None:
+            lengths.add_row(name, f"{stats.mean:.1f}", str(stats.p50), str(stats.p90), str(stats.p99),
+                            str(stats.max), f"{stats.at_limit:.1%}")
+    console.print(lengths)
+    console.print(f"padding: {report.padding_fraction:.1%} of the positions in training batches")
+    console.print(f"steps: {report.steps_per_epoch} per epoch, {report.total_steps} in all; "
+                  f"{report.tokens_per_step:,.0f} tokens and {report.flops_per_step:.3g} FLOPs (6 x params x tokens) "
+                  f"per optimizer step")
