@@ -134,6 +134,31 @@ def write_model_card(output_dir: Path, task: str, recipe_yaml: str, results: dic
         usage=usage_snippet(auto_class, model_ref or str(output_dir), adapter, task),
     )
     ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").save(output_dir / "README.md")
+    write_eval_results(output_dir, results, eval_dataset, eval_split)
+
+
+EVAL_RESULTS = ".eval_results"
+
+
+def write_eval_results(output_dir: Path, results: dict[str, Any], dataset: str | None, split: str) -> Path | None:
+    """The Hub's current form of evaluation results (`.eval_results/*.yaml`, read beside the legacy
+    model-index), written only for a Hub dataset: the entries name the dataset by its Hub id."""
+    import yaml
+    from huggingface_hub import EvalResultEntry, eval_result_entries_to_yaml
+
+    if not is_hub_id(dataset):
+        return None
+    entries = [EvalResultEntry(dataset_id=dataset, task_id=key.removeprefix("eval_"), value=value,
+                               notes=f"split {split}")
+               for key, value in sorted(results.items())
+               if key.startswith("eval_") and key not in NOT_METRICS and isinstance(value, (int, float))]
+    if not entries:
+        return None
+    folder = Path(output_dir) / EVAL_RESULTS
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{dataset.split('/')[-1]}.yaml"
+    path.write_text(yaml.safe_dump(eval_result_entries_to_yaml(entries), sort_keys=False))
+    return path
 
 
 def _table_rows(figures: dict[str, Any]) -> str:

@@ -217,6 +217,7 @@ def finish(plan: Plan, parts: Any, strategy: Any, tokenizer: Any, train_results:
         hub.write_model_card(output_dir, recipe.task, recipe.dump_yaml(), results, recipe.model.name_or_path,
                              plan.encoding.auto_class, adapter=plan.adapter is not None, datasets=sources,
                              eval_dataset=recipe.data.validation and recipe.data.validation.path,
+                             eval_split=(recipe.data.validation and recipe.data.validation.split) or "validation",
                              model_ref=recipe.hub.repo_id if recipe.hub and recipe.hub.push else None)
         run_dir.mark_finished(output_dir)
         url = hub.push_finished_run(recipe.hub, output_dir)

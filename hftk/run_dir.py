@@ -26,7 +26,7 @@ OUTPUT_PATTERNS = (
     "README.md", "samples.jsonl", "train.log", "training_curves.png", "checkpoint-*", ".checkpoint-*",
     "config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
     "pytorch_model*.bin", "tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "spiece.model",
-    "sentencepiece*.model", "chat_template.*", "added_tokens.json", "adapter_*", "merged", "runs", "eval",
+    "sentencepiece*.model", "chat_template.*", "added_tokens.json", "adapter_*", "merged", "runs", "eval", ".eval_results",
 )
 
 

@@ -156,3 +156,21 @@ def test_hub_section_needs_a_repo_id():
         HubSection(push=True)
     with pytest.raises(ValueError, match="USER/NAME"):
         HubSection(repo_id="no-slash")
+
+
+def test_hub_dataset_gets_eval_results_entries(tmp_path):
+    """The current .eval_results/*.yaml form, parsed back with huggingface_hub, holds the same scores."""
+    import yaml
+    from huggingface_hub import parse_eval_result_entries
+
+    write_model_card(tmp_path, "summarization", "task: summarization\n", RESULTS, None, "AutoModelForSeq2SeqLM",
+                     eval_dataset="EdinburghNLP/xsum", eval_split="test")
+    entries = parse_eval_result_entries(yaml.safe_load((tmp_path / ".eval_results" / "xsum.yaml").read_text()))
+    assert {e.task_id: e.value for e in entries} == {
+        k.removeprefix("eval_"): v for k, v in RESULTS.items() if k.startswith("eval_") and k != "eval_samples"}
+    assert {(e.dataset_id, e.notes) for e in entries} == {("EdinburghNLP/xsum", "split test")}
+    local = tmp_path / "local"
+    local.mkdir()
+    write_model_card(local, "summarization", "task: summarization\n", RESULTS, None, "AutoModelForSeq2SeqLM",
+                     eval_dataset="data/summarize/validation.jsonl")
+    assert not (local / ".eval_results").exists()  # a local file is no Hub dataset
