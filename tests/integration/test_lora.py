@@ -240,3 +240,22 @@ def test_extractive_qa_lora_trains_the_head(tmp_path):
     assert set(json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["modules_to_save"]) == {"qa_outputs"}
     # Measured: eval_loss 1.93 -> 1.57.
     assert results(tmp_path / "lora")["eval_loss"] < results(tmp_path / "base")["eval_loss"] - 0.2
+
+
+def test_full_fine_tuning_from_a_saved_run(bases, tmp_path):
+    """The other way users start from a directory: every weight trains, the base folder is untouched."""
+    import hashlib
+
+    def digest(folder: Path) -> dict[str, str]:
+        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    before = digest(bases["t5"])
+    recipe = tiny_recipe(tmp_path, data=DATA, train={**LORA_TRAIN, "learning_rate": 3e-3,
+                                                     "output_dir": str(tmp_path / "full")})
+    recipe["model"] = {"name_or_path": str(bases["t5"])}
+    finetune(write_recipe(tmp_path, recipe, "full.yaml"))
+    full = results(tmp_path / "full")
+    assert full["trainable_parameters"] == full["total_parameters"]
+    assert full["eval_loss"] < results(bases["t5"])["eval_loss"] - 0.05
+    assert digest(bases["t5"]) == before
