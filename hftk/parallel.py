@@ -23,6 +23,12 @@ def _env_true(name: str) -> bool:
 
 def launch_problems() -> None:
     """Checks on the launch environment, before any process group exists."""
+    if unjoined_launch():
+        raise UserError(
+            "this launch was told of several processes or machines but started this one alone (accelerate launch "
+            "without --multi_gpu or a multi-process config runs one plain process per launch); add --multi_gpu "
+            "(or --config_file accelerate_configs/ddp.yaml) to the launch on every machine"
+        )
     requested = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     gpu = torch.cuda.is_available()
     deepspeed = _env_true("ACCELERATE_USE_DEEPSPEED")
@@ -33,6 +39,15 @@ def launch_problems() -> None:
         )
     if requested == "fp16" and not gpu:
         raise UserError("mixed_precision fp16 cannot run on a CPU; use bf16 or no in the accelerate config")
+
+
+def unjoined_launch() -> bool:
+    """`accelerate launch --num_machines 2 --num_processes 2 ...` without --multi_gpu starts one plain
+    process per launch: it sets MASTER_ADDR/MASTER_PORT for the world it was told of, but no WORLD_SIZE
+    or RANK, so every process would train alone, all into one output_dir. ACCELERATE_MIXED_PRECISION
+    marks a process started by accelerate launch (a shell that exports MASTER_ADDR alone is not one)."""
+    return ("WORLD_SIZE" not in os.environ and "RANK" not in os.environ and "MASTER_ADDR" in os.environ
+            and "ACCELERATE_MIXED_PRECISION" in os.environ)
 
 
 def cpu_processes() -> bool:
