@@ -163,6 +163,9 @@ class AccelerateStrategy:
         self.hook_state = comm_hooks.register(model, self.settings)
         return model, optimizer, loader
 
+    def prepare_loader(self, accelerator: Any, loader: Any) -> Any:
+        return accelerator.prepare(loader)
+
     def full_state_dict(self, accelerator: Any, model: Any) -> dict:
         # get_state_dict gathers ZeRO-3 / FSDP shards.
         return without_tied_copies(accelerator.unwrap_model(model), accelerator.get_state_dict(model))
@@ -208,6 +211,9 @@ class CpuFsdpStrategy:
         # Only the loader goes through prepare(): Accelerate would wrap the sharded model in DDP.
         return model, make_optimizer(model), accelerator.prepare(loader)
 
+    def prepare_loader(self, accelerator: Any, loader: Any) -> Any:
+        return accelerator.prepare(loader)
+
     def full_state_dict(self, accelerator: Any, model: Any) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -234,6 +240,11 @@ class CpuFsdpStrategy:
         set_state_dict(model, optimizer, model_state_dict=states["model"], optim_state_dict=states["optimizer"])
 
 
-def strategy_for(settings: Any, accelerator: Any) -> Any:
+def strategy_for(settings: Any, accelerator: Any, config: Any) -> Any:
     """The strategy for this launch; refuses recipe settings it cannot honour (before any model loads)."""
+    from hftk import tensor_parallel
+
+    sizes = tensor_parallel.requested()
+    if sizes is not None:
+        return tensor_parallel.TensorParallelStrategy(settings, accelerator, sizes, config)
     return (CpuFsdpStrategy if cpu_fsdp_requested() else AccelerateStrategy)(settings, accelerator)

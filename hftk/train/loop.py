@@ -38,6 +38,7 @@ class LoopParts:
     evaluate: Callable[[], dict[str, float]] | None  # eval_* metrics at the current step
     save: Callable[[], str]  # a full checkpoint at the current step; returns its folder
     stop: StopFlag
+    counts_tokens: bool = True  # False where another process reads the same batches (tensor parallel)
 
 
 def windows(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -131,7 +132,8 @@ def train(parts: LoopParts, settings: TrainSection, last_good: Callable[[], str 
         for window in windows(batches, settings.gradient_accumulation_steps):
             share = train_window(parts, window, settings.max_grad_norm)
             pending_loss += share
-            pending_tokens += sum(batch_tokens(b) for b in window)
+            if parts.counts_tokens:
+                pending_tokens += sum(batch_tokens(b) for b in window)
             state.optimizer_step += 1
             state.pending_steps += 1
             state.batches_in_epoch += len(window)
