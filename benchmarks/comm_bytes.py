@@ -12,13 +12,14 @@ in) so its traffic is counted the same way. With 2 processes a ring all-reduce a
 both put exactly their payload on the wire once per process. One launch per hook: each gets a fresh
 process group and the machine to itself for the timing (and PowerSGD built after another DDP model in
 the same process once aborted past an epoch boundary with a Gloo size mismatch; hftk builds one DDP
-model per process). Rows are merged into benchmarks/comm_bytes.json by hook.
+model per process). Rows are merged into benchmarks/comm_bytes.json by hook (`--output` elsewhere;
+`--steps` fewer steps: tests/integration/test_plan_comm.py counts 2 steps of a tiny model with it).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from hftk import comm_hooks, models
 from hftk.prepare import build_tokenizer, make_accelerator, make_loader, plan_inputs, tokenized
-from hftk.recipe import ParallelSection, load_recipe
+from hftk.recipe import load_recipe
 from hftk.train.loop import LoopParts, train_window
 from hftk.train.optim import build_optimizer, build_scheduler
 from hftk.train.preemption import StopFlag
@@ -67,8 +68,10 @@ class ByteCounter:
             setattr(dist, name, original)
 
 
-def measure(recipe_path: str, hook: str) -> dict:
-    recipe = load_recipe(recipe_path, [f"train.output_dir=/tmp/hftk-comm-bytes-{hook}"])
+def measure(recipe_path: str, hook: str, steps: int = STEPS) -> dict:
+    recipe = load_recipe(recipe_path, [f"train.output_dir=/tmp/hftk-comm-bytes-{hook}", f"parallel.comm_hook={hook}",
+                                       f"parallel.topk_ratio={TOPK_RATIO}",
+                                       f"parallel.powersgd_start_iter={POWERSGD_START}"])
     plan = plan_inputs(recipe, ["train"])
     accelerator = make_accelerator(recipe.train)
     tokenizer = build_tokenizer(plan, accelerator)
@@ -77,17 +80,16 @@ def measure(recipe_path: str, hook: str) -> dict:
     collator = plan.task.collator(tokenizer, plan.encoding.family, model.prepare_decoder_input_ids_from_labels)
     loader = make_loader(features, collator, recipe.train.per_device_train_batch_size, True, recipe.train.seed)
     model, optimizer, loader = accelerator.prepare(model, build_optimizer(model, recipe.train), loader)
-    settings = ParallelSection(comm_hook=hook, powersgd_start_iter=POWERSGD_START, topk_ratio=TOPK_RATIO)
     if hook == "none":
         model.register_comm_hook(None, default_hooks.allreduce_hook)
     else:
-        comm_hooks.register(model, settings)
-    scheduler = build_scheduler(optimizer, recipe.train, STEPS)
-    parts = LoopParts(accelerator, model, optimizer, scheduler, loader, plan.encoding.family, STEPS, TrainState(),
+        comm_hooks.register(model, recipe.parallel)
+    scheduler = build_scheduler(optimizer, recipe.train, steps)
+    parts = LoopParts(accelerator, model, optimizer, scheduler, loader, plan.encoding.family, steps, TrainState(),
                       None, None, lambda: "", StopFlag(), NoProgress())
     per_step, losses, seconds = [], [], []
     batches = endless(loader)
-    for _ in range(STEPS):
+    for _ in range(steps):
         window = [next(batches) for _ in range(recipe.train.gradient_accumulation_steps)]
         started = time.perf_counter()
         with ByteCounter() as counter:
@@ -96,9 +98,10 @@ def measure(recipe_path: str, hook: str) -> dict:
         per_step.append(counter.bytes)
         losses.append(accelerator.reduce(share, reduction="sum").item())
     parameters = sum(p.numel() for p in model.parameters())
+    last = min(LAST, steps)
     return {"hook": hook, "parameters": parameters, "bytes_per_step_after_warmup": per_step[-1],
-            "bytes_first_step": per_step[0], f"loss_last_{LAST}_steps": sum(losses[-LAST:]) / LAST,
-            "seconds_per_step": round(sum(seconds[1:]) / (STEPS - 1), 4), "accelerator": accelerator}
+            "bytes_first_step": per_step[0], f"loss_last_{LAST}_steps": sum(losses[-last:]) / last,
+            "seconds_per_step": round(sum(seconds[1:]) / max(steps - 1, 1), 4), "accelerator": accelerator}
 
 
 def endless(loader):
@@ -109,16 +112,28 @@ def endless(loader):
         epoch += 1
 
 
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe", nargs="?", default="recipes/summarize.yaml")
+    parser.add_argument("hooks", nargs="*", help=f"some of {' '.join(HOOKS)} (default: all)")
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--output", default="benchmarks/comm_bytes.json")
+    args = parser.parse_args()
+    unknown = set(args.hooks) - set(HOOKS)
+    if unknown:
+        parser.error(f"unknown hooks {sorted(unknown)}; choose from {' '.join(HOOKS)}")
+    return args
+
+
 def main() -> None:
-    recipe_path = sys.argv[1] if len(sys.argv) > 1 else "recipes/summarize.yaml"
-    hooks = sys.argv[2:] or HOOKS
+    args = parse_args()
     measured = {}
-    for hook in hooks:
-        result = measure(recipe_path, hook)
+    for hook in args.hooks or HOOKS:
+        result = measure(args.recipe, hook, args.steps)
         accelerator = result.pop("accelerator")
         measured[hook] = result
     if accelerator.is_main_process:
-        path = Path("benchmarks/comm_bytes.json")
+        path = Path(args.output)
         saved = {row["hook"]: row for row in json.loads(path.read_text())} if path.is_file() else {}
         saved.update(measured)
         rows = [saved[hook] for hook in HOOKS if hook in saved]
