@@ -1,17 +1,26 @@
-"""Bytes all-reduced per optimizer step by DDP, without and with each communication hook.
+"""Bytes each process hands to collectives per optimizer step under DDP, without and with each
+communication hook, with the loss reached and the time per step.
 
-    ACCELERATE_USE_CPU=true accelerate launch --config_file accelerate_configs/ddp.yaml \
-        benchmarks/comm_bytes.py recipes/summarize.yaml
+    for hook in none fp16 bf16 int8 topk powersgd; do
+        accelerate launch --config_file accelerate_configs/ddp.yaml benchmarks/comm_bytes.py recipes/summarize.yaml $hook
+    done
 
-Builds the recipe's model and data exactly as `hftk finetune` does, runs a few optimizer steps per
-hook on 2 processes, and counts what each all-reduce sends. "none" registers PyTorch's plain
-allreduce hook (what DDP does built in) so its traffic is counted the same way.
+Builds the recipe's model and data exactly as `hftk finetune` does, runs STEPS optimizer steps per
+hook on 2 processes, and counts the payload of every all_reduce and all_gather (int8 and top-k
+gather instead of reducing). "none" registers PyTorch's plain allreduce hook (what DDP does built
+in) so its traffic is counted the same way. With 2 processes a ring all-reduce and an all_gather
+both put exactly their payload on the wire once per process. One launch per hook: each gets a fresh
+process group and the machine to itself for the timing (and PowerSGD built after another DDP model in
+the same process once aborted past an epoch boundary with a Gloo size mismatch; hftk builds one DDP
+model per process). Rows are merged into benchmarks/comm_bytes.json by hook (`--output` elsewhere;
+`--steps` fewer steps: tests/integration/test_plan_comm.py counts 2 steps of a tiny model with it).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
+import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -19,35 +28,50 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from hftk import comm_hooks, models
 from hftk.prepare import build_tokenizer, make_accelerator, make_loader, plan_inputs, tokenized
-from hftk.recipe import ParallelSection, load_recipe
+from hftk.recipe import load_recipe
 from hftk.train.loop import LoopParts, train_window
 from hftk.train.optim import build_optimizer, build_scheduler
 from hftk.train.preemption import StopFlag
+from hftk.train.progress import NoProgress
 from hftk.train.state import TrainState
 
-STEPS = 12
+STEPS = 60
+LAST = 10  # the loss "after STEPS steps" is the mean of the last LAST steps, not one batch's noise
 POWERSGD_START = 4  # PowerSGD sends full gradients (with error feedback) before this step
+TOPK_RATIO = 0.01
+HOOKS = ("none", "fp16", "bf16", "int8", "topk", "powersgd")
+COUNTED = ("all_reduce", "all_gather")
 
 
 class ByteCounter:
+    """Counts this process's payload at torch.distributed's collectives (looked up at call time by the hooks)."""
+
     def __init__(self):
         self.bytes = 0
-        self._original = dist.all_reduce
+        self._originals = {name: getattr(dist, name) for name in COUNTED}
 
     def __enter__(self):
-        def counting(tensor, *args, **kwargs):
-            self.bytes += tensor.numel() * tensor.element_size()
-            return self._original(tensor, *args, **kwargs)
-
-        dist.all_reduce = counting
+        for name, original in self._originals.items():
+            setattr(dist, name, self._counting(name, original))
         return self
 
+    def _counting(self, name, original):
+        def counting(*args, **kwargs):
+            sent = args[1] if name == "all_gather" else args[0]  # all_gather(outputs, input, ...)
+            self.bytes += sent.numel() * sent.element_size()
+            return original(*args, **kwargs)
+
+        return counting
+
     def __exit__(self, *exc):
-        dist.all_reduce = self._original
+        for name, original in self._originals.items():
+            setattr(dist, name, original)
 
 
-def measure(recipe_path: str, hook: str) -> dict:
-    recipe = load_recipe(recipe_path, [f"train.output_dir=/tmp/hftk-comm-bytes-{hook}"])
+def measure(recipe_path: str, hook: str, steps: int = STEPS) -> dict:
+    recipe = load_recipe(recipe_path, [f"train.output_dir=/tmp/hftk-comm-bytes-{hook}", f"parallel.comm_hook={hook}",
+                                       f"parallel.topk_ratio={TOPK_RATIO}",
+                                       f"parallel.powersgd_start_iter={POWERSGD_START}"])
     plan = plan_inputs(recipe, ["train"])
     accelerator = make_accelerator(recipe.train)
     tokenizer = build_tokenizer(plan, accelerator)
@@ -56,40 +80,70 @@ def measure(recipe_path: str, hook: str) -> dict:
     collator = plan.task.collator(tokenizer, plan.encoding.family, model.prepare_decoder_input_ids_from_labels)
     loader = make_loader(features, collator, recipe.train.per_device_train_batch_size, True, recipe.train.seed)
     model, optimizer, loader = accelerator.prepare(model, build_optimizer(model, recipe.train), loader)
-    settings = ParallelSection(comm_hook=hook if hook != "none" else "none", powersgd_start_iter=POWERSGD_START)
     if hook == "none":
         model.register_comm_hook(None, default_hooks.allreduce_hook)
     else:
-        comm_hooks.register(model, settings)
-    scheduler = build_scheduler(optimizer, recipe.train, STEPS)
-    parts = LoopParts(accelerator, model, optimizer, scheduler, loader, plan.encoding.family, STEPS, TrainState(),
-                      None, None, lambda: "", StopFlag())
-    per_step, losses = [], []
-    batches = iter(loader)
-    for _ in range(STEPS):
+        comm_hooks.register(model, recipe.parallel)
+    scheduler = build_scheduler(optimizer, recipe.train, steps)
+    parts = LoopParts(accelerator, model, optimizer, scheduler, loader, plan.encoding.family, steps, TrainState(),
+                      None, None, lambda: "", StopFlag(), NoProgress())
+    per_step, losses, seconds = [], [], []
+    batches = endless(loader)
+    for _ in range(steps):
         window = [next(batches) for _ in range(recipe.train.gradient_accumulation_steps)]
+        started = time.perf_counter()
         with ByteCounter() as counter:
             share = train_window(parts, window, recipe.train.max_grad_norm)
+        seconds.append(time.perf_counter() - started)
         per_step.append(counter.bytes)
         losses.append(accelerator.reduce(share, reduction="sum").item())
     parameters = sum(p.numel() for p in model.parameters())
+    last = min(LAST, steps)
     return {"hook": hook, "parameters": parameters, "bytes_per_step_after_warmup": per_step[-1],
-            "bytes_first_step": per_step[0], "final_loss": losses[-1], "accelerator": accelerator}
+            "bytes_first_step": per_step[0], f"loss_last_{LAST}_steps": sum(losses[-last:]) / last,
+            "seconds_per_step": round(sum(seconds[1:]) / max(steps - 1, 1), 4), "accelerator": accelerator}
+
+
+def endless(loader):
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe", nargs="?", default="recipes/summarize.yaml")
+    parser.add_argument("hooks", nargs="*", help=f"some of {' '.join(HOOKS)} (default: all)")
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--output", default="benchmarks/comm_bytes.json")
+    args = parser.parse_args()
+    unknown = set(args.hooks) - set(HOOKS)
+    if unknown:
+        parser.error(f"unknown hooks {sorted(unknown)}; choose from {' '.join(HOOKS)}")
+    return args
 
 
 def main() -> None:
-    recipe_path = sys.argv[1] if len(sys.argv) > 1 else "recipes/summarize.yaml"
-    rows = []
-    for hook in ("none", "fp16", "bf16", "powersgd"):
-        result = measure(recipe_path, hook)
+    args = parse_args()
+    measured = {}
+    for hook in args.hooks or HOOKS:
+        result = measure(args.recipe, hook, args.steps)
         accelerator = result.pop("accelerator")
-        rows.append(result)
+        measured[hook] = result
     if accelerator.is_main_process:
-        baseline = rows[0]["bytes_per_step_after_warmup"]
-        for row in rows:
-            row["ratio_to_none"] = round(row["bytes_per_step_after_warmup"] / baseline, 4)
+        path = Path(args.output)
+        saved = {row["hook"]: row for row in json.loads(path.read_text())} if path.is_file() else {}
+        saved.update(measured)
+        rows = [saved[hook] for hook in HOOKS if hook in saved]
+        if "none" in saved:
+            baseline, loss = saved["none"]["bytes_per_step_after_warmup"], saved["none"][f"loss_last_{LAST}_steps"]
+            for row in rows:
+                row["ratio_to_none"] = round(row["bytes_per_step_after_warmup"] / baseline, 4)
+                row["loss_ratio_to_none"] = round(row[f"loss_last_{LAST}_steps"] / loss, 4)
         print(json.dumps(rows, indent=2))
-        Path("benchmarks/comm_bytes.json").write_text(json.dumps(rows, indent=2) + "\n")
+        path.write_text(json.dumps(rows, indent=2) + "\n")
     accelerator.wait_for_everyone()
 
 

@@ -169,9 +169,14 @@ def plan(
                                             help="The accelerate config the run will use (processes, precision)."),
     num_processes: int | None = typer.Option(None, "--num-processes", min=1, show_default=False,
                                              help="Processes to plan for (default: the config's, or 1)."),
+    bandwidth_gbps: float = typer.Option(100.0, "--bandwidth-gbps",
+                                         help="Interconnect bandwidth per device, in gigabits per second."),
+    latency_us: float = typer.Option(5.0, "--latency-us", help="Latency of one ring hop, in microseconds."),
+    tflops: float = typer.Option(100.0, "--tflops", help="Achieved TFLOP/s per device."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
 ) -> None:
-    """Parameters, memory per process per strategy, token lengths and padding, steps and FLOPs, without
+    """Parameters, memory per process per strategy, token lengths and padding, steps and FLOPs, and the
+    bytes sent and step time of each strategy and communication hook on 1 to 1024 devices, without
     loading weights."""
     from hftk.recipe import load_recipe
 
@@ -180,13 +185,26 @@ def plan(
 
         from hftk.planning import make_plan, print_plan, read_launch_config
 
-        report = make_plan(load_recipe(recipe, overrides), read_launch_config(config_file, num_processes))
+        link = interconnect(bandwidth_gbps, latency_us, tflops)
+        report = make_plan(load_recipe(recipe, overrides), read_launch_config(config_file, num_processes), link)
         if as_json:
             typer.echo(json.dumps(report.to_dict(), indent=2))
         else:
             print_plan(report)
 
     _guarded(action, quiet=as_json)
+
+
+def interconnect(bandwidth_gbps: float, latency_us: float, tflops: float):
+    """The plan's network and device speed; nan and non-positive speeds are bad input."""
+    from hftk.scaling import Interconnect
+
+    for flag, value in (("--bandwidth-gbps", bandwidth_gbps), ("--tflops", tflops)):
+        if not 0 < value < float("inf"):
+            raise UserError(f"{flag} must be a positive number, not {value:g}")
+    if not 0 <= latency_us < float("inf"):
+        raise UserError(f"--latency-us must be 0 or more, not {latency_us:g}")
+    return Interconnect(bandwidth_gbps, latency_us, tflops)
 
 
 @app.command(name="recipe-schema")

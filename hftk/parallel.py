@@ -23,6 +23,12 @@ def _env_true(name: str) -> bool:
 
 def launch_problems() -> None:
     """Checks on the launch environment, before any process group exists."""
+    if unjoined_launch():
+        raise UserError(
+            "this launch was told of several processes or machines but started this one alone (accelerate launch "
+            "without --multi_gpu or a multi-process config runs one plain process per launch); add --multi_gpu "
+            "(or --config_file accelerate_configs/ddp.yaml) to the launch on every machine"
+        )
     requested = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     gpu = torch.cuda.is_available()
     deepspeed = _env_true("ACCELERATE_USE_DEEPSPEED")
@@ -33,6 +39,15 @@ def launch_problems() -> None:
         )
     if requested == "fp16" and not gpu:
         raise UserError("mixed_precision fp16 cannot run on a CPU; use bf16 or no in the accelerate config")
+
+
+def unjoined_launch() -> bool:
+    """`accelerate launch --num_machines 2 --num_processes 2 ...` without --multi_gpu starts one plain
+    process per launch: it sets MASTER_ADDR/MASTER_PORT for the world it was told of, but no WORLD_SIZE
+    or RANK, so every process would train alone, all into one output_dir. ACCELERATE_MIXED_PRECISION
+    marks a process started by accelerate launch (a shell that exports MASTER_ADDR alone is not one)."""
+    return ("WORLD_SIZE" not in os.environ and "RANK" not in os.environ and "MASTER_ADDR" in os.environ
+            and "ACCELERATE_MIXED_PRECISION" in os.environ)
 
 
 def cpu_processes() -> bool:
@@ -148,6 +163,9 @@ class AccelerateStrategy:
         self.hook_state = comm_hooks.register(model, self.settings)
         return model, optimizer, loader
 
+    def prepare_loader(self, accelerator: Any, loader: Any) -> Any:
+        return accelerator.prepare(loader)
+
     def full_state_dict(self, accelerator: Any, model: Any) -> dict:
         # get_state_dict gathers ZeRO-3 / FSDP shards.
         return without_tied_copies(accelerator.unwrap_model(model), accelerator.get_state_dict(model))
@@ -193,6 +211,9 @@ class CpuFsdpStrategy:
         # Only the loader goes through prepare(): Accelerate would wrap the sharded model in DDP.
         return model, make_optimizer(model), accelerator.prepare(loader)
 
+    def prepare_loader(self, accelerator: Any, loader: Any) -> Any:
+        return accelerator.prepare(loader)
+
     def full_state_dict(self, accelerator: Any, model: Any) -> dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -219,6 +240,11 @@ class CpuFsdpStrategy:
         set_state_dict(model, optimizer, model_state_dict=states["model"], optim_state_dict=states["optimizer"])
 
 
-def strategy_for(settings: Any, accelerator: Any) -> Any:
+def strategy_for(settings: Any, accelerator: Any, config: Any) -> Any:
     """The strategy for this launch; refuses recipe settings it cannot honour (before any model loads)."""
+    from hftk import tensor_parallel
+
+    sizes = tensor_parallel.requested()
+    if sizes is not None:
+        return tensor_parallel.TensorParallelStrategy(settings, accelerator, sizes, config)
     return (CpuFsdpStrategy if cpu_fsdp_requested() else AccelerateStrategy)(settings, accelerator)

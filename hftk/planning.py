@@ -1,6 +1,7 @@
 """`hftk plan`: what a recipe will cost before it runs. Loads the data and the tokenizer, builds the model
 on the meta device (no weights, no memory), and works out parameters, memory per process for each
-strategy, token lengths and padding, steps and FLOPs.
+strategy, token lengths and padding, steps and FLOPs, and the communication of every strategy on 1 to 1024
+devices (hftk/scaling.py).
 
 Model-state memory follows the ZeRO paper (Rajbhandari et al., 2020): Adam in fp32 keeps 16 bytes per
 parameter (4 weights + 4 gradients + 8 moments); mixed precision keeps 2 + 2 + 12 (16-bit weights and
@@ -17,6 +18,7 @@ from typing import Any
 
 from hftk.errors import UserError
 from hftk.recipe import Recipe
+from hftk.scaling import DEVICE_COUNTS, Interconnect, ScalePlan, scale_plan, tensor_shapes
 
 
 def _size(num_bytes: float) -> str:
@@ -158,6 +160,7 @@ class PlanReport:
     total_steps: int
     tokens_per_step: float
     flops_per_step: float
+    scale: ScalePlan
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -219,7 +222,7 @@ def padding_fraction(features: Any, collator: Any, batch_size: int, seed: int, p
     return counts[0].item() / max(counts[1].item(), 1)
 
 
-def make_plan(recipe: Recipe, launch: LaunchShape) -> PlanReport:
+def make_plan(recipe: Recipe, launch: LaunchShape, link: Interconnect | None = None) -> PlanReport:
     from hftk.prepare import build_tokenizer, decoder_inputs_for, plan_inputs, tokenized
     from hftk.train.optim import total_optimizer_steps
 
@@ -241,6 +244,7 @@ def make_plan(recipe: Recipe, launch: LaunchShape) -> PlanReport:
     global_batch = settings.per_device_train_batch_size * n * settings.gradient_accumulation_steps
     mean_tokens = sum(source) / len(source) + (sum(target) / len(target) if target else 0)
     tokens_per_step = mean_tokens * global_batch
+    tokens_per_process_step = mean_tokens * settings.per_device_train_batch_size * settings.gradient_accumulation_steps
     precision = PRECISIONS[launch.mixed_precision]
     source_stats = length_stats(source, recipe.data.max_source_length)
     target_stats = length_stats(target, recipe.data.max_target_length) if target else None
@@ -256,6 +260,9 @@ def make_plan(recipe: Recipe, launch: LaunchShape) -> PlanReport:
         train_examples=len(features), steps_per_epoch=steps_per_epoch,
         total_steps=total_optimizer_steps(settings, batches_per_process), tokens_per_step=tokens_per_step,
         flops_per_step=6 * total * tokens_per_step,
+        scale=scale_plan(tensor_shapes(model), recipe.parallel, precision, settings.gradient_accumulation_steps,
+                         tokens_per_process_step, link or Interconnect(),
+                         tuple(sorted({*DEVICE_COUNTS, launch.num_processes}))),
     )
 
 
@@ -287,3 +294,35 @@ def print_plan(report: PlanReport) -> None:
     console.print(f"steps: {report.steps_per_epoch} per epoch, {report.total_steps} in all; "
                   f"{report.tokens_per_step:,.0f} tokens and {report.flops_per_step:.3g} FLOPs (6 x params x tokens) "
                   f"per optimizer step")
+    print_scale(console, report.scale, launch.strategy, report.launch.num_processes)
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    return f"{seconds * 1e3:.3g} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.3g} µs"
+
+
+def print_scale(console: Any, scale: ScalePlan, strategy: str, processes: int) -> None:
+    """Bytes sent and step time per (strategy, hook) and device count, one cell each."""
+    from rich.table import Table
+
+    link = scale.interconnect
+    counts = sorted({row.processes for row in scale.rows})
+    table = Table(title=f"scale on paper: bytes each process sends on a ring per optimizer step / step time; "
+                        f"{link.bandwidth_gbps:g} Gbit/s, {link.latency_us:g} µs per hop, {link.tflops:g} TFLOP/s "
+                        f"per device, compute {_duration(scale.compute_seconds_per_step)} per step, no overlap")
+    table.add_column("strategy")
+    for n in counts:
+        table.add_column(f"{n} device{'s' if n > 1 else ''}" + (" (this)" if n == processes else ""), justify="right")
+    cells: dict[tuple[str, str], list[str]] = {}
+    for row in scale.rows:
+        cells.setdefault((row.strategy, row.comm_hook), []).append(
+            f"{_size(row.wire_bytes_per_step)} / {_duration(row.step_seconds)}")
+    runs = (strategy.removesuffix("_offload"), scale.comm_hook if strategy == "ddp" else "none")
+    for (name, hook), values in cells.items():
+        label = f"{name} + {hook}" if name == "ddp" else name
+        table.add_row(label + (" (this config)" if (name, hook) == runs else ""), *values)
+    console.print(table)
+    for note in scale.notes:
+        console.print(f"  {note}")

@@ -9,7 +9,7 @@ from typing import Any
 
 import datasets
 
-from hftk import data, metrics, models, parallel
+from hftk import data, metrics, models, parallel, tensor_parallel
 from hftk.recipe import Recipe, TrainSection
 from hftk.tasks import get_task
 from hftk.tasks.base import Encoding, Task
@@ -50,6 +50,8 @@ def make_accelerator(settings: TrainSection, trackers: list[str] | None = None):
     from hftk.trackers import LOGGING_DIR
 
     parallel.launch_problems()
+    tensor_parallel.requested()  # bad sizes are bad input, found before the process group starts
+    tensor_parallel.keep_accelerate_out()
     project = ProjectConfiguration(project_dir=settings.output_dir,
                                    logging_dir=str(Path(settings.output_dir) / LOGGING_DIR))
     accelerator = Accelerator(cpu=parallel.cpu_processes(), dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -105,8 +107,10 @@ def decoder_inputs_for(model: Any) -> Any:
     return getattr(model, "prepare_decoder_input_ids_from_labels", None)
 
 
-def eval_loader(plan: Plan, accelerator: Any, model: Any, tokenizer: Any, features: datasets.Dataset) -> Any:
-    """Prepared once per run: every prepare() call adds a loader Accelerate keeps for good."""
+def eval_loader(plan: Plan, accelerator: Any, model: Any, tokenizer: Any, features: datasets.Dataset,
+                shard: Any = None) -> Any:
+    """Prepared once per run: every prepare() call adds a loader Accelerate keeps for good. `shard` splits
+    it over the processes (Accelerate's prepare unless the strategy splits data its own way)."""
     collator = plan.task.collator(tokenizer, plan.encoding.family, decoder_inputs_for(accelerator.unwrap_model(model)))
-    return accelerator.prepare(make_loader(features, collator, plan.recipe.eval.per_device_eval_batch_size,
+    return (shard or accelerator.prepare)(make_loader(features, collator, plan.recipe.eval.per_device_eval_batch_size,
                                            shuffle=False, seed=plan.recipe.train.seed))

@@ -230,9 +230,12 @@ class EvalSection(Section):
 class ParallelSection(Section):
     """Settings Accelerate's YAML cannot express; the topology itself comes from the accelerate config."""
 
-    comm_hook: Literal["none", "fp16", "bf16", "powersgd"] = Field(
-        "none", description="DDP gradient compression: fp16/bf16 casts, or PowerSGD low-rank approximation."
+    comm_hook: Literal["none", "fp16", "bf16", "int8", "topk", "powersgd"] = Field(
+        "none", description="DDP gradient compression: fp16/bf16 casts, int8 quantization, top-k sparsification "
+                            "(both with error feedback), or PowerSGD low-rank approximation."
     )
+    topk_ratio: float = Field(0.01, gt=0.0, le=1.0,
+                              description="topk: the fraction of each gradient tensor's entries sent every step.")
     powersgd_rank: int = Field(1, ge=1, le=MAX_BATCH, description="PowerSGD matrix approximation rank.")
     powersgd_start_iter: int = Field(1000, ge=2, le=MAX_STEPS,
                                      description="Plain all-reduce (with error feedback warm-up) before this step.")

@@ -83,7 +83,7 @@ def finetune(recipe: Recipe) -> dict[str, Any]:
 
     plan = plan_finetune(recipe)
     accelerator = make_accelerator(recipe.train, list(recipe.train.report_to))
-    strategy = parallel.strategy_for(recipe.parallel, accelerator)
+    strategy = parallel.strategy_for(recipe.parallel, accelerator, plan.config)
     tokenizer = build_tokenizer(plan, accelerator)
     # Tokenize before anything is written: rows that cannot be encoded are bad input too.
     train_features = tokenized(plan, accelerator, tokenizer, "train", training=True)
@@ -162,7 +162,8 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, 
 
     evaluate = None
     if validation_features is not None:
-        validation = eval_loader(plan, accelerator, model, tokenizer, validation_features)
+        validation = eval_loader(plan, accelerator, model, tokenizer, validation_features,
+                                 lambda loader: strategy.prepare_loader(accelerator, loader))
 
         def evaluate() -> tuple[dict[str, float], list[dict]]:
             return evaluate_split(plan, accelerator, model, tokenizer, "validation", validation)
@@ -175,7 +176,8 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, 
 
     progress = start_progress(accelerator.is_main_process, total_steps, state.optimizer_step)
     parts = LoopParts(accelerator, model, optimizer, scheduler, loader, plan.encoding.family, total_steps, state,
-                      metrics_log, evaluate and (lambda: evaluate()[0]), save, StopFlag().install(), progress)
+                      metrics_log, evaluate and (lambda: evaluate()[0]), save, StopFlag().install(), progress,
+                      counts_tokens=getattr(strategy, "counts_tokens", True))
     return parts, evaluate, sizes
 
 

@@ -41,6 +41,7 @@ class LoopParts:
     save: Callable[[], str]  # a full checkpoint at the current step; returns its folder
     stop: StopFlag
     progress: NoProgress
+    counts_tokens: bool = True  # False where another process reads the same batches (tensor parallel)
 
 
 def windows(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -136,8 +137,9 @@ def train(parts: LoopParts, settings: TrainSection, last_good: Callable[[], str 
         for window in windows(batches, settings.gradient_accumulation_steps):
             share = train_window(parts, window, settings.max_grad_norm)
             pending_loss += share
-            pending_tokens += sum(batch_tokens(b) for b in window)
-            padding += sum(padding_counts(b) for b in window)
+            if parts.counts_tokens:
+                pending_tokens += sum(batch_tokens(b) for b in window)
+                padding += sum(padding_counts(b) for b in window)
             state.optimizer_step += 1
             state.pending_steps += 1
             state.batches_in_epoch += len(window)

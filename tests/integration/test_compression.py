@@ -1,0 +1,81 @@
+"""Lossy DDP gradient compression with error feedback (int8 quantization, top-k sparsification),
+through a real `accelerate launch` of 2 Gloo processes: it trains about as well as plain DDP, and a
+run killed mid-way resumes bit-identical to the unbroken one (each process's residuals are in
+every checkpoint)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, accelerate_launch, run_hftk, tiny_recipe, write_recipe
+
+FAULTS = f"{ROOT / 'tests' / 'faults'}:{ROOT}"
+STEPS = 60
+# Logged every 10 steps: the step-60 row is the mean of steps 51-60, not one batch's noise.
+TRAIN = {"max_steps": STEPS, "logging_steps": 10, "save_steps": 20, "per_device_train_batch_size": 4}
+# top-k at 1% (the benchmark's ratio) trails by ~24% after 60 steps with AdamW: most entries wait
+# many steps in the residual. At 30% it is within ~2% (benchmarks/RESULTS.md).
+HOOKS = {"int8": [], "topk": ["parallel.topk_ratio=0.3"]}
+ENV = {"ACCELERATE_USE_CPU": "false"}  # the GPU launch line as is; hftk runs it over Gloo
+
+
+def recipe_path(tmp_path: Path, name: str) -> Path:
+    recipe = tiny_recipe(tmp_path, train={**TRAIN, "output_dir": str(tmp_path / name)})
+    return write_recipe(tmp_path, recipe, f"{name}.yaml")
+
+
+def ddp_run(tmp_path: Path, name: str, *overrides: str, env: dict | None = None):
+    return run_hftk("finetune", str(recipe_path(tmp_path, name)), *overrides,
+                    launcher=accelerate_launch("ddp.yaml"), env={**ENV, **(env or {})})
+
+
+def losses(folder: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Unbroken 2-process runs: plain DDP and each hook."""
+    tmp_path = tmp_path_factory.mktemp("compression")
+    folders = {}
+    for hook, overrides in {"none": [], **HOOKS}.items():
+        result = ddp_run(tmp_path, hook, f"parallel.comm_hook={hook}", *overrides)
+        assert result.returncode == 0, result.stderr[-4000:]
+        folders[hook] = tmp_path / hook
+    return folders
+
+
+@pytest.mark.parametrize("hook", sorted(HOOKS))
+def test_compressed_training_stays_within_5_percent_of_plain_ddp(hook, runs):
+    plain, compressed = dict(losses(runs["none"])), dict(losses(runs[hook]))
+    assert sorted(plain) == sorted(compressed) == list(range(10, STEPS + 1, 10))
+    ratio = compressed[STEPS] / plain[STEPS]
+    assert abs(ratio - 1) < 0.05, f"{hook}: loss at step {STEPS} is {ratio:.4f} x plain DDP's"
+    assert compressed != plain, "a lossy hook should change the trajectory a little"
+    # Each process keeps its own residuals in every checkpoint.
+    for rank in (0, 1):
+        assert (runs[hook] / "checkpoint-20" / f"comm_hook_state_{rank}.pt").is_file()
+
+
+@pytest.mark.parametrize("hook", sorted(HOOKS))
+def test_killed_run_resumes_bit_identical(hook, runs, tmp_path):
+    overrides = [f"parallel.comm_hook={hook}", *HOOKS[hook]]
+    killed = ddp_run(tmp_path, "run", *overrides, env={"HFTK_FAULT": "step:30", "PYTHONPATH": FAULTS})
+    assert killed.returncode != 0
+    assert not (tmp_path / "run" / "checkpoint-40").exists()
+    resumed = ddp_run(tmp_path, "run", *overrides, "train.resume_from_checkpoint=latest")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert "resuming from" in resumed.stderr and "checkpoint-20" in resumed.stderr
+    assert losses(tmp_path / "run") == losses(runs[hook])
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == (runs[hook] / "model.safetensors").read_bytes()
+
+
+def test_topk_ratio_out_of_range_exits_2(tmp_path):
+    run = run_hftk("finetune", str(recipe_path(tmp_path, "bad")), "parallel.comm_hook=topk", "parallel.topk_ratio=0")
+    assert run.returncode == 2
+    [line] = run.stderr.strip().splitlines()
+    assert "parallel.topk_ratio" in line

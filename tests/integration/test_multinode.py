@@ -1,0 +1,128 @@
+"""Several machines through Accelerate's multi-node launch, proved with two launches on this
+machine over loopback (one process each): the same losses as one process at the same global
+batch, a checkpoint that resumes on one machine with 2 processes, a launch line that forgets
+--multi_gpu refused, and a machine that never arrives bounded by the rendezvous timeout."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, free_port, run_hftk, tiny_recipe, write_recipe
+
+STEPS = 6
+BATCH = 4  # per process: 2 machines x 1 process x 4 == 1 process x 8
+
+
+def recipe_file(tmp_path: Path, name: str, batch: int, **train) -> Path:
+    settings = {"output_dir": str(tmp_path / name), "max_steps": STEPS, "logging_steps": 1, "save_steps": 3,
+                "per_device_train_batch_size": batch, **train}
+    return write_recipe(tmp_path, tiny_recipe(tmp_path, train=settings), f"{name}.yaml")
+
+
+def losses(folder: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def environment(tmp_path: Path) -> dict:
+    # No accelerate config from this machine's HF_HOME; the GPU launch line as is (no ACCELERATE_USE_CPU).
+    return {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "ACCELERATE_USE_CPU": "false"}
+
+
+def machine_launch(rank: int, port: int, *flags: str) -> list[str]:
+    """What a user types on machine `rank` of 2 (README, "Several machines")."""
+    return ["accelerate", "launch", *flags, "--num_machines", "2", "--machine_rank", str(rank),
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--num_processes", "2"]
+
+
+def launch_two_machines(tmp_path: Path, recipe: Path, *flags: str, timeout: int = 600) -> list[subprocess.CompletedProcess]:
+    """Both machines' launches at once, as on two nodes, each with its own log."""
+    port = free_port()
+    running = []
+    for rank in (0, 1):
+        command = [*machine_launch(rank, port, *flags), "-m", "hftk", "finetune", str(recipe)]
+        log = (tmp_path / f"machine{rank}.log").open("w+")
+        running.append((command, log, subprocess.Popen(command, cwd=ROOT, env=environment(tmp_path),
+                                                       stdout=log, stderr=subprocess.STDOUT, text=True)))
+    finished = []
+    for command, log, process in running:
+        process.wait(timeout=timeout)
+        log.seek(0)
+        finished.append(subprocess.CompletedProcess(command, process.returncode, "", log.read()))
+        log.close()
+    return finished
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("one")
+    result = run_hftk("finetune", str(recipe_file(tmp_path, "single", 2 * BATCH)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp_path / "single"
+
+
+@pytest.fixture(scope="module")
+def two_machines(tmp_path_factory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("two-machines")
+    runs = launch_two_machines(tmp_path, recipe_file(tmp_path, "multinode", BATCH), "--multi_gpu")
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-4000:]
+    assert "on 2 process(es)" in runs[0].stderr
+    return tmp_path / "multinode"
+
+
+def test_two_machines_equal_one_process(two_machines, one_process):
+    mine, theirs = losses(two_machines), losses(one_process)
+    assert sorted(mine) == sorted(theirs) == list(range(1, STEPS + 1))
+    for step in theirs:
+        assert mine[step] == pytest.approx(theirs[step], rel=1e-4)
+    manifest = json.loads((two_machines / "checkpoint-3" / "hftk_checkpoint.json").read_text())
+    assert manifest["num_processes"] == 2
+    assert json.loads((two_machines / "all_results.json").read_text())["eval_samples"] == 16
+
+
+def test_two_machine_checkpoint_resumes_on_one_machine(two_machines, tmp_path):
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(two_machines / "checkpoint-3", resumed / "checkpoint-3")
+    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(free_port()),
+               "-m", "hftk", "finetune", str(recipe_file(tmp_path, "resumed", BATCH, resume_from_checkpoint="latest"))]
+    run = subprocess.run(command, cwd=ROOT, env=environment(tmp_path), capture_output=True, text=True, timeout=600,
+                         check=False)
+    assert run.returncode == 0, run.stderr[-4000:]
+    unbroken = {s: v for s, v in losses(two_machines).items() if s > 3}
+    assert losses(resumed) == pytest.approx(unbroken, rel=1e-6)
+
+
+def test_two_machines_without_multi_gpu_are_refused(tmp_path):
+    """Without --multi_gpu each launch starts one plain process: two worlds of 1, both training into one
+    output_dir. hftk sees a launch told of several processes that started this one alone."""
+    runs = launch_two_machines(tmp_path, recipe_file(tmp_path, "refused", BATCH), timeout=300)
+    for run in runs:
+        assert run.returncode != 0
+        lines = [line for line in run.stderr.splitlines() if line.startswith("hftk:")]
+        assert len(lines) == 1 and "started this one alone" in lines[0] and "--multi_gpu" in lines[0], run.stderr[-3000:]
+    assert not (tmp_path / "refused").exists()
+
+
+def test_a_machine_that_never_arrives_is_bounded_by_the_rendezvous_timeout(tmp_path):
+    """Machine 0 of 2 alone: the launcher waits for machine 1 for the rendezvous timeout (600 s by
+    default for the static rendezvous), then fails; --rdzv_conf timeout=N bounds it."""
+    command = [*machine_launch(0, free_port(), "--multi_gpu", "--rdzv_conf", "timeout=10"),
+               "-m", "hftk", "finetune", str(recipe_file(tmp_path, "alone", BATCH))]
+    started = time.monotonic()
+    run = subprocess.run(command, cwd=ROOT, env=environment(tmp_path), capture_output=True, text=True, timeout=300,
+                         check=False)
+    waited = time.monotonic() - started
+    print(f"machine 0 of 2 alone gave up after {waited:.1f} s", file=sys.stderr)
+    assert run.returncode != 0
+    assert 10 <= waited < 120, f"waited {waited:.1f} s"
+    assert not (tmp_path / "alone").exists(), "no process started: nothing written"
