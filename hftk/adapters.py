@@ -47,6 +47,10 @@ def plan_adapter(settings: LoraSection | None, config: Any, auto_class: str) -> 
     """Resolve and check the adapter before any weight loads: the model is built on the meta device."""
     if settings is None:
         return None
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        raise UserError("lora: training an adapter needs peft (pip install peft)")
     check_quantize(settings.quantize)
     if auto_class not in PEFT_TASK_TYPES:
         raise UserError(f"lora: hftk cannot train an adapter for a {auto_class} head")
