@@ -18,7 +18,7 @@ from hftk import metrics
 from hftk.errors import UserError
 from hftk.recipe import DataSection
 from hftk.tasks.base import ENCODER_ONLY, EXAMPLE_INDEX, Encoding
-from hftk.tasks.squad_schema import answer_texts, contexts_present, qa_columns, qa_row_problems, repair_answer_starts
+from hftk.tasks.squad_schema import SquadRows, answer_texts, qa_columns, repair_answer_starts
 from hftk.tasks.text_to_text import pad
 from hftk.tracking import log
 
@@ -27,24 +27,11 @@ MAX_ANSWER_TOKENS = 30
 NO_OFFSET = -1
 
 
-class ExtractiveQA:
+class ExtractiveQA(SquadRows):
     name = "extractive_qa"
 
     def encodings(self):
         return {ENCODER_ONLY: Encoding(ENCODER_ONLY, "AutoModelForQuestionAnswering")}
-
-    def columns(self, data: DataSection) -> list[str]:
-        cols = qa_columns(data)
-        return [cols.question, cols.context, cols.answers]
-
-    def row_problems(self, rows: dict[str, list[Any]], data: DataSection) -> list[str | None]:
-        return qa_row_problems(rows, data)
-
-    def has_source(self, rows: dict[str, list[Any]], data: DataSection) -> list[bool]:
-        return contexts_present(rows, data)
-
-    def source_label(self, data: DataSection) -> str:
-        return f"'{qa_columns(data).context}'"
 
     def repair(self, dataset: datasets.Dataset, data: DataSection, where: str) -> datasets.Dataset:
         """Real data often has answer_start offsets that miss their text: move them to the text,

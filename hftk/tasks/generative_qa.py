@@ -12,7 +12,7 @@ from typing import Any
 from hftk import metrics
 from hftk.recipe import DataSection
 from hftk.tasks.base import DECODER_ONLY
-from hftk.tasks.squad_schema import answer_texts, contexts_present, qa_columns, qa_row_problems
+from hftk.tasks.squad_schema import SquadRows, answer_texts, qa_columns
 from hftk.tasks.text_to_text import (
     TEXT_TO_TEXT_ENCODINGS,
     PromptParts,
@@ -23,24 +23,11 @@ from hftk.tasks.text_to_text import (
 )
 
 
-class GenerativeQA:
+class GenerativeQA(SquadRows):
     name = "generative_qa"
 
     def encodings(self):
         return TEXT_TO_TEXT_ENCODINGS
-
-    def columns(self, data: DataSection) -> list[str]:
-        cols = qa_columns(data)
-        return [cols.question, cols.context, cols.answers]
-
-    def row_problems(self, rows: dict[str, list[Any]], data: DataSection) -> list[str | None]:
-        return qa_row_problems(rows, data)
-
-    def has_source(self, rows: dict[str, list[Any]], data: DataSection) -> list[bool]:
-        return contexts_present(rows, data)
-
-    def source_label(self, data: DataSection) -> str:
-        return f"'{qa_columns(data).context}'"
 
     def texts(self, rows: dict[str, list[Any]], data: DataSection):
         cols = qa_columns(data)

@@ -114,3 +114,20 @@ def _occurrences(context: str, text: str):
     while start != -1:
         yield start
         start = context.find(text, start + 1)
+
+
+class SquadRows:
+    """The columns and row checks every task on SQuAD-schema rows shares (extractive and generative QA)."""
+
+    def columns(self, data: DataSection) -> list[str]:
+        cols = qa_columns(data)
+        return [cols.question, cols.context, cols.answers]
+
+    def row_problems(self, rows: dict[str, list[Any]], data: DataSection) -> list[str | None]:
+        return qa_row_problems(rows, data)
+
+    def has_source(self, rows: dict[str, list[Any]], data: DataSection) -> list[bool]:
+        return contexts_present(rows, data)
+
+    def source_label(self, data: DataSection) -> str:
+        return f"'{qa_columns(data).context}'"
