@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -76,3 +78,23 @@ def run_hftk(*args: str, cwd: Path = ROOT, env: dict | None = None, launcher: li
     command = (launcher or [sys.executable, "-m"]) + ["hftk", *args]
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout, check=False,
                           env={**os.environ, **(env or {})})
+
+
+def loss_rows(folder: Path) -> list[tuple[int, float]]:
+    """(step, loss) of every logged training row, in order: a repeated or missing row shows."""
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def losses(folder: Path) -> dict[int, float]:
+    return dict(loss_rows(folder))
+
+
+def results(folder: Path) -> dict:
+    return json.loads((folder / "all_results.json").read_text())
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under folder, by relative path."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hftk.cli import app
-from tests.conftest import ROOT, tiny_recipe, write_recipe
+from tests.conftest import ROOT, digest, tiny_recipe, write_recipe
 
 ROWS = 240  # every file; broken rows sit past row 100, where the old sample check stopped
 
@@ -148,19 +147,14 @@ def recipe_for(tmp_path: Path, task: str, train: str, **data) -> Path:
     return write_recipe(tmp_path, recipe)
 
 
-def file_hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 def refused_line(tmp_path: Path, command: str, recipe: Path, *overrides: str) -> str:
     """Runs the command in-process; it must exit 2 with one error line and leave every file as it was."""
-    before = file_hashes(tmp_path)
+    before = digest(tmp_path)
     result = CliRunner().invoke(app, [command, str(recipe), *overrides])
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hftk: error:"), result.stderr
-    assert file_hashes(tmp_path) == before, "bad input changed or wrote files"
+    assert digest(tmp_path) == before, "bad input changed or wrote files"
     return lines[0]
 
 

@@ -5,12 +5,11 @@ every checkpoint)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, accelerate_launch, run_hftk, tiny_recipe, write_recipe
+from tests.conftest import ROOT, accelerate_launch, loss_rows, run_hftk, tiny_recipe, write_recipe
 
 FAULTS = f"{ROOT / 'tests' / 'faults'}:{ROOT}"
 STEPS = 60
@@ -32,11 +31,6 @@ def ddp_run(tmp_path: Path, name: str, *overrides: str, env: dict | None = None)
                     launcher=accelerate_launch("ddp.yaml"), env={**ENV, **(env or {})})
 
 
-def losses(folder: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, Path]:
     """Unbroken 2-process runs: plain DDP and each hook."""
@@ -51,7 +45,7 @@ def runs(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("hook", sorted(HOOKS))
 def test_compressed_training_stays_within_5_percent_of_plain_ddp(hook, runs):
-    plain, compressed = dict(losses(runs["none"])), dict(losses(runs[hook]))
+    plain, compressed = dict(loss_rows(runs["none"])), dict(loss_rows(runs[hook]))
     assert sorted(plain) == sorted(compressed) == list(range(10, STEPS + 1, 10))
     ratio = compressed[STEPS] / plain[STEPS]
     assert abs(ratio - 1) < 0.05, f"{hook}: loss at step {STEPS} is {ratio:.4f} x plain DDP's"
@@ -70,7 +64,7 @@ def test_killed_run_resumes_bit_identical(hook, runs, tmp_path):
     resumed = ddp_run(tmp_path, "run", *overrides, "train.resume_from_checkpoint=latest")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "resuming from" in resumed.stderr and "checkpoint-20" in resumed.stderr
-    assert losses(tmp_path / "run") == losses(runs[hook])
+    assert loss_rows(tmp_path / "run") == loss_rows(runs[hook])
     assert (tmp_path / "run" / "model.safetensors").read_bytes() == (runs[hook] / "model.safetensors").read_bytes()
 
 

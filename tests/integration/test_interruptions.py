@@ -3,7 +3,6 @@ unbroken one; guards stop diverging runs and full disks cleanly; secrets never r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
@@ -18,7 +17,7 @@ import pytest
 
 from hftk.checkpoint import MANIFEST
 from hftk.run_dir import RUN_MANIFEST
-from tests.conftest import ROOT, accelerate_launch, run_hftk, tiny_recipe, write_recipe
+from tests.conftest import ROOT, accelerate_launch, digest, loss_rows, run_hftk, tiny_recipe, write_recipe
 
 FAULTS = str(ROOT / "tests" / "faults")
 # 64 rows / batch 4 = 16 micro-batches = 8 optimizer steps per epoch (accumulation 2); 20 steps
@@ -38,11 +37,6 @@ def recipe_path(tmp_path: Path, name: str, family: str = "t5", **train) -> Path:
     recipe = tiny_recipe(tmp_path, train=settings)
     recipe["model"]["config"] = MODELS[family]
     return write_recipe(tmp_path, recipe, f"{name}.yaml")
-
-
-def losses(folder: Path) -> list[tuple[int, float]]:
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
 def weights(folder: Path) -> bytes:
@@ -90,7 +84,7 @@ def test_sigkill_then_resume_is_bit_identical_with_dropout(family, fault, unbrok
     resumed = resume(tmp_path, "run", family, **train)
     assert "resuming from" in resumed.stderr
     # The unbroken run had no evaluation during training: evaluating must not change training either.
-    assert losses(tmp_path / "run") == losses(unbroken[family]), what
+    assert loss_rows(tmp_path / "run") == loss_rows(unbroken[family]), what
     assert weights(tmp_path / "run") == weights(unbroken[family]), what
     assert not list((tmp_path / "run").glob(".checkpoint-*.partial"))
 
@@ -122,7 +116,7 @@ def test_sigterm_saves_exits_75_and_resumes_identically(unbroken, tmp_path):
     assert stopped_at % 4 != 0 or stopped_at >= 7  # the preemption checkpoint, not only the periodic ones
     resume(tmp_path, "run")
     assert weights(tmp_path / "run") == weights(unbroken["t5"])
-    assert losses(tmp_path / "run") == losses(unbroken["t5"])
+    assert loss_rows(tmp_path / "run") == loss_rows(unbroken["t5"])
 
 
 def test_sigterm_under_two_process_launch(tmp_path):
@@ -138,7 +132,7 @@ def test_sigterm_under_two_process_launch(tmp_path):
     assert "hftk: stopped: received SIGTERM" in stderr, stderr[-3000:]
     resume(tmp_path, "run", launcher=launcher, env=env)
     assert weights(tmp_path / "run") == weights(tmp_path / "straight")
-    assert losses(tmp_path / "run") == losses(tmp_path / "straight")
+    assert loss_rows(tmp_path / "run") == loss_rows(tmp_path / "straight")
 
 
 def test_a_dead_process_ends_the_others_quickly(tmp_path):
@@ -163,18 +157,13 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     assert not (tmp_path / "run" / "model.safetensors").exists()
 
 
-def _digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def test_full_disk_during_a_save_leaves_earlier_checkpoints_intact(tmp_path):
     first = run_hftk("finetune", str(recipe_path(tmp_path, "run", max_steps=6, save_steps=3)))
     assert first.returncode == 0, first.stderr[-3000:]
     shutil.rmtree(tmp_path / "run" / "checkpoint-6")  # as if the run had been stopped after step 5
     manifest = tmp_path / "run" / RUN_MANIFEST
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "finished": False}))
-    before = _digest(tmp_path / "run" / "checkpoint-3")
+    before = digest(tmp_path / "run" / "checkpoint-3")
     size = (tmp_path / "run" / "checkpoint-3" / "model.safetensors").stat().st_size
 
     def small_files():  # the disk "fills up": no file may grow past half a model
@@ -187,7 +176,7 @@ def test_full_disk_during_a_save_leaves_earlier_checkpoints_intact(tmp_path):
                             check=False)
     assert result.returncode == 1
     assert "cannot write checkpoint-" in result.stderr and "earlier checkpoints are intact" in result.stderr
-    assert _digest(tmp_path / "run" / "checkpoint-3") == before
+    assert digest(tmp_path / "run" / "checkpoint-3") == before
     assert not list((tmp_path / "run").glob(".checkpoint-*.partial"))
 
 

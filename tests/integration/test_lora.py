@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, accelerate_launch, run_hftk, tiny_recipe, write_recipe
+from tests.conftest import ROOT, accelerate_launch, digest, losses, results, run_hftk, tiny_recipe, write_recipe
 
 FAULTS = str(ROOT / "tests" / "faults")
 
@@ -27,15 +27,6 @@ DECODER_LORA_TRAIN = {"max_steps": 120, "learning_rate": 1e-2, "logging_steps": 
 DATA = {"max_train_samples": 256}
 LORA_TRAIN = {"max_steps": 30, "learning_rate": 1e-2, "per_device_train_batch_size": 8, "logging_steps": 1}
 LORA = {"r": 8, "alpha": 16, "dropout": 0.0}
-
-
-def results(folder: Path) -> dict:
-    return json.loads((folder / "all_results.json").read_text())
-
-
-def losses(folder: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def finetune(recipe_file: Path, *overrides: str, **kwargs):
@@ -244,12 +235,6 @@ def test_extractive_qa_lora_trains_the_head(tmp_path):
 
 def test_full_fine_tuning_from_a_saved_run(bases, tmp_path):
     """The other way users start from a directory: every weight trains, the base folder is untouched."""
-    import hashlib
-
-    def digest(folder: Path) -> dict[str, str]:
-        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted(folder.rglob("*")) if p.is_file()}
-
     before = digest(bases["t5"])
     recipe = tiny_recipe(tmp_path, data=DATA, train={**LORA_TRAIN, "learning_rate": 3e-3,
                                                      "output_dir": str(tmp_path / "full")})

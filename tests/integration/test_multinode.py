@@ -15,21 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port, run_hftk, tiny_recipe, write_recipe
+from tests.conftest import ROOT, free_port, losses, run_hftk
+from tests.integration.test_parallel import STEPS, recipe_file
 
-STEPS = 6
 BATCH = 4  # per process: 2 machines x 1 process x 4 == 1 process x 8
-
-
-def recipe_file(tmp_path: Path, name: str, batch: int, **train) -> Path:
-    settings = {"output_dir": str(tmp_path / name), "max_steps": STEPS, "logging_steps": 1, "save_steps": 3,
-                "per_device_train_batch_size": batch, **train}
-    return write_recipe(tmp_path, tiny_recipe(tmp_path, train=settings), f"{name}.yaml")
-
-
-def losses(folder: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def environment(tmp_path: Path) -> dict:

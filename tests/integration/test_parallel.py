@@ -4,14 +4,13 @@ resumes from its own checkpoint."""
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import accelerate_launch, run_hftk, tiny_recipe, write_recipe
+from tests.conftest import accelerate_launch, losses, results, run_hftk, tiny_recipe, write_recipe
 
 STEPS = 6
 BATCH = 4  # per process: 2 processes x 4 == 1 process x 8
@@ -37,15 +36,6 @@ def recipe_file(tmp_path: Path, name: str, batch: int, **train) -> Path:
     settings = {"output_dir": str(tmp_path / name), "max_steps": STEPS, "logging_steps": 1, "save_steps": 3,
                 "per_device_train_batch_size": batch, **train}
     return write_recipe(tmp_path, tiny_recipe(tmp_path, train=settings), f"{name}.yaml")
-
-
-def losses(folder: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-def results(folder: Path) -> dict:
-    return json.loads((folder / "all_results.json").read_text())
 
 
 def assert_close_losses(got: dict[int, float], want: dict[int, float], tolerance: float) -> float:

@@ -3,7 +3,6 @@ a finished or damaged run is never silently retrained, and a resume refuses othe
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -11,14 +10,9 @@ from pathlib import Path
 import pytest
 
 from hftk.run_dir import RUN_MANIFEST
-from tests.conftest import ROOT, run_hftk, tiny_recipe, write_recipe
+from tests.conftest import ROOT, digest, run_hftk, tiny_recipe, write_recipe
 
 TRAIN = {"max_steps": 4, "save_steps": 2, "logging_steps": 1}
-
-
-def digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def recipe(tmp_path: Path, run: Path, name: str = "recipe.yaml", **train) -> Path:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, run_hftk
+from tests.conftest import ROOT, digest, run_hftk
 
 RECIPE = str(ROOT / "recipes/summarize.yaml")
 # Measured: ROUGE-L 0.64 after the 2 epochs run here with T5's dropout 0.1 (0.71 without); untrained: ~0.
@@ -25,11 +24,6 @@ def trained(tmp_path_factory) -> Path:
 
 def _results(folder: Path, name: str = "all_results.json") -> dict:
     return json.loads((folder / name).read_text())
-
-
-def _digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_recipe_learns_summarization(trained):
@@ -84,11 +78,11 @@ def test_eval_command_reproduces_final_metrics(trained):
 
 
 def test_rerun_refuses_and_leaves_the_run_untouched(trained):
-    before = _digest(trained)
+    before = digest(trained)
     result = run_hftk("finetune", RECIPE, f"train.output_dir={trained}")
     assert result.returncode == 2
     assert "already holds a run" in result.stderr and "resume_from_checkpoint=latest" in result.stderr
-    assert _digest(trained) == before
+    assert digest(trained) == before
 
 
 def test_decoder_only_summarizes_at_least_as_well(trained, tmp_path):

@@ -5,14 +5,13 @@ evaluation, and a resume from its own sharded checkpoint."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import accelerate_launch, run_hftk, tiny_recipe, write_recipe
+from tests.conftest import accelerate_launch, losses, results, run_hftk, tiny_recipe, write_recipe
 
 STEPS = 6
 GLOBAL_BATCH = 8
@@ -29,15 +28,6 @@ def recipe_file(tmp_path: Path, name: str, batch: int, model: dict | None = None
     recipe = tiny_recipe(tmp_path, train=settings)
     recipe["model"]["config"] = model or LLAMA
     return write_recipe(tmp_path, recipe, f"{name}.yaml")
-
-
-def losses(folder: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-def results(folder: Path) -> dict:
-    return json.loads((folder / "all_results.json").read_text())
 
 
 @pytest.fixture(scope="module")
