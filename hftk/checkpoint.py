@@ -67,14 +67,12 @@ def damage(folder: Path) -> str | None:
 
 
 def _safetensors_damage(folder: Path) -> str | None:
-    from safetensors import safe_open
+    from hftk.models import weights_problem  # the same header check a model folder gets
 
     for path in sorted(folder.rglob("*.safetensors")):
-        try:
-            with safe_open(str(path), "pt") as handle:
-                handle.keys()
-        except (OSError, SafetensorError) as err:
-            return f"{path.relative_to(folder)} cannot be read ({str(err).splitlines()[0][:120]})"
+        problem = weights_problem(path)
+        if problem:
+            return f"{path.relative_to(folder)} {problem}"
     return None
 
 

@@ -86,7 +86,7 @@ def check_weights(folder: Path) -> None:
     if found is None:
         raise UserError(f"model.name_or_path: {folder} holds no weights (none of {', '.join(WEIGHT_FILES)})")
     for weights in _shards(found) if found.name.endswith(".index.json") else [found]:
-        problem = _weights_problem(weights)
+        problem = weights_problem(weights)
         if problem:
             raise UserError(f"model.name_or_path: {weights} {problem}")
 
@@ -105,7 +105,7 @@ def _shards(index: Path) -> list[Path]:
     return [index.parent / name for name in names]
 
 
-def _weights_problem(path: Path) -> str | None:
+def weights_problem(path: Path) -> str | None:
     size = path.stat().st_size
     if size == 0:
         return "is empty"

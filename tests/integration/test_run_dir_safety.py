@@ -148,3 +148,21 @@ def test_no_intact_checkpoint_is_bad_input(finished, tmp_path):
     assert_refused(finetune(path, "train.resume_from_checkpoint=latest"), "every checkpoint", tmp_path, before)
     explicit = f"train.resume_from_checkpoint={run / 'checkpoint-2'}"
     assert_refused(finetune(path, explicit), "checkpoint-2 is damaged", tmp_path, before)
+
+
+def test_a_checkpoint_without_recorded_sizes_is_checked_by_its_headers(finished, tmp_path):
+    """Checkpoints written before sizes were recorded: the safetensors headers tell a cut file."""
+    from hftk.checkpoint import MANIFEST, damage
+
+    run = _unfinished(finished, tmp_path)
+    for folder in run.glob("checkpoint-*"):
+        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest.pop("files")
+        (folder / MANIFEST).write_text(json.dumps(manifest))
+    assert damage(run / "checkpoint-4") is None
+    weights = run / "checkpoint-4" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert "model.safetensors is truncated" in damage(run / "checkpoint-4")
+    result = finetune(recipe(tmp_path, run), "train.resume_from_checkpoint=latest")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (run / "model.safetensors").read_bytes() == (finished / "model.safetensors").read_bytes()
