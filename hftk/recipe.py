@@ -133,6 +133,9 @@ class DataSection(Section):
     max_source_length: int = Field(256, ge=1, le=MAX_TOKENS)
     max_target_length: int = Field(64, ge=1, le=MAX_TOKENS)
     doc_stride: int = Field(64, ge=1, le=MAX_TOKENS)
+    version_2_with_negative: bool | None = Field(
+        None, description="Extractive QA: SQuAD v2 rules (answer nothing when the no-answer score wins); "
+                          "default: true when some evaluated row has no answer")
     max_train_samples: int | None = Field(None, ge=1, le=MAX_COUNT)
     max_eval_samples: int | None = Field(None, ge=1, le=MAX_COUNT)
     preprocessing_num_workers: int | None = Field(None, ge=1, le=MAX_WORKERS)

@@ -19,6 +19,9 @@ ENCODER_ONLY = "encoder-only"
 # The column every processed eval row carries so predictions map back to raw rows.
 EXAMPLE_INDEX = "example_idx"
 
+# Label positions the loss skips (prompt, padding), as transformers and torch name it.
+IGNORE_INDEX = -100
+
 
 @dataclass(frozen=True)
 class Encoding:

@@ -13,9 +13,8 @@ from typing import Any
 from hftk import metrics
 from hftk.errors import UserError
 from hftk.recipe import DataSection
-from hftk.tasks.base import DECODER_ONLY, has_text
+from hftk.tasks.base import DECODER_ONLY, IGNORE_INDEX, has_text
 from hftk.tasks.text_to_text import (
-    IGNORE_INDEX,
     TEXT_TO_TEXT_ENCODINGS,
     TextToTextCollator,
     decode_generated,

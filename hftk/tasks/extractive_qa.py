@@ -74,6 +74,8 @@ class ExtractiveQA(SquadRows):
         sample_of = encoded.pop("overflow_to_sample_mapping")
         features: dict[str, list] = {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"],
                                      "start_positions": [], "end_positions": []}
+        if "token_type_ids" in encoded:  # BERT-style segments: question 0, context 1, as in pretraining
+            features["token_type_ids"] = encoded["token_type_ids"]
         if not training:
             features["offsets"], features[EXAMPLE_INDEX] = [], []
         for i, offsets in enumerate(encoded["offset_mapping"]):
@@ -94,11 +96,15 @@ class ExtractiveQA(SquadRows):
 
     def predict(self, accelerator: Any, model: Any, batch: dict[str, torch.Tensor], tokenizer: Any,
                 settings: Any, family: str) -> dict[str, torch.Tensor]:
-        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        from hftk.train.objective import model_inputs, span_loss_of
+
+        outputs = model(**model_inputs(batch))
         logits = torch.stack([outputs.start_logits, outputs.end_logits], dim=1).float()
         logits = logits.masked_fill(batch["attention_mask"][:, None, :] == 0, -1e4)
+        # The loss comes from the same forward pass, so evaluation runs the model once per batch.
         return {"logits": accelerator.pad_across_processes(logits, dim=2, pad_index=-1e4),
-                "offsets": accelerator.pad_across_processes(batch["offsets"], dim=1, pad_index=NO_OFFSET)}
+                "offsets": accelerator.pad_across_processes(batch["offsets"], dim=1, pad_index=NO_OFFSET),
+                "loss": span_loss_of(outputs, batch)}
 
     def decode(self, collected: dict[str, list[torch.Tensor]], rows: dict[str, list[Any]], tokenizer: Any,
                data: DataSection) -> dict[int, str]:
@@ -107,7 +113,8 @@ class ExtractiveQA(SquadRows):
         for indices, logits, offsets in zip(collected[EXAMPLE_INDEX], collected["logits"], collected["offsets"]):
             for index, window_logits, window_offsets in zip(indices.tolist(), logits, offsets):
                 windows[index].append((window_logits, window_offsets))
-        return {index: best_answer(contexts[index], parts) for index, parts in windows.items()}
+        allow_empty = answers_can_be_empty(rows, data)
+        return {index: best_answer(contexts[index], parts, allow_empty) for index, parts in windows.items()}
 
     def references(self, rows: dict[str, list[Any]], data: DataSection) -> list[list[str]]:
         return answer_texts(rows, data)
@@ -130,8 +137,17 @@ def _span(offsets: list[tuple[int, int]], sequence: list[int | None], answers: d
     return start, end
 
 
-def best_answer(context: str, windows: list[tuple[torch.Tensor, torch.Tensor]]) -> str:
-    """The best-scoring span over all windows, or "" when the no-answer score beats it (SQuAD v2)."""
+def answers_can_be_empty(rows: dict[str, list[Any]], data: DataSection) -> bool:
+    """SQuAD v2 rules when the recipe says so, or, unset, when some evaluated row has no answer (as the
+    v2 data does); v1 data never gets an empty answer, as in the transformers QA example."""
+    if data.version_2_with_negative is not None:
+        return data.version_2_with_negative
+    return any(not texts for texts in answer_texts(rows, data))
+
+
+def best_answer(context: str, windows: list[tuple[torch.Tensor, torch.Tensor]], allow_empty: bool = True) -> str:
+    """The best-scoring span over all windows; with `allow_empty` (SQuAD v2), "" when the no-answer score
+    beats it."""
     best_score, best_text = None, ""
     null_score = None
     for logits, offsets in windows:
@@ -147,7 +163,7 @@ def best_answer(context: str, windows: list[tuple[torch.Tensor, torch.Tensor]]) 
                 score = (start_logits[s] + end_logits[e]).item()
                 if best_score is None or score > best_score:
                     best_score, best_text = score, context[int(offsets[s][0]):int(offsets[e][1])]
-    if best_score is None or (null_score is not None and null_score > best_score):
+    if best_score is None or (allow_empty and null_score is not None and null_score > best_score):
         return ""
     return best_text
 
@@ -162,6 +178,8 @@ class SpanCollator:
                  "attention_mask": pad([[1] * len(s) for s in ids], 0),
                  "start_positions": torch.tensor([r["start_positions"] for r in rows]),
                  "end_positions": torch.tensor([r["end_positions"] for r in rows])}
+        if "token_type_ids" in rows[0]:
+            batch["token_type_ids"] = pad([r["token_type_ids"] for r in rows], 0)
         if "offsets" in rows[0]:
             width = batch["input_ids"].shape[1]
             batch["offsets"] = torch.tensor([r["offsets"] + [[NO_OFFSET, NO_OFFSET]] * (width - len(r["offsets"]))

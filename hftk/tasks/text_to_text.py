@@ -17,9 +17,7 @@ from typing import Any, NamedTuple
 import torch
 
 from hftk.errors import UserError
-from hftk.tasks.base import DECODER_ONLY, ENCODER_DECODER, EXAMPLE_INDEX, Encoding
-
-IGNORE_INDEX = -100
+from hftk.tasks.base import DECODER_ONLY, ENCODER_DECODER, EXAMPLE_INDEX, IGNORE_INDEX, Encoding
 
 TEXT_TO_TEXT_ENCODINGS = {
     ENCODER_DECODER: Encoding(ENCODER_DECODER, "AutoModelForSeq2SeqLM"),
@@ -167,10 +165,14 @@ class TextToTextCollator:
 
 def predict_by_generation(accelerator: Any, model: Any, batch: dict[str, torch.Tensor], tokenizer: Any,
                           settings: Any, family: str) -> dict[str, torch.Tensor]:
-    """Greedy or beam generation, padded so every process's tensor has the same width for gather."""
-    from hftk.train.evaluation import generate
+    """Greedy or beam generation, padded so every process's tensor has the same width for gather; with
+    an encoder-decoder, also the loss per example from the same encoder run ("loss")."""
+    from hftk import generation
 
-    return {"tokens": generate(accelerator, model, batch, family, settings, tokenizer)}
+    if "decoder_input_ids" in batch and generation.shares_encoder_run(accelerator, model, family):
+        losses, tokens = generation.losses_and_generate(accelerator, model, batch, settings, tokenizer)
+        return {"tokens": tokens, "loss": losses}
+    return {"tokens": generation.generate(accelerator, model, batch, family, settings, tokenizer)}
 
 
 def decode_generated(collected: dict[str, list[torch.Tensor]], rows: dict[str, list[Any]], tokenizer: Any,

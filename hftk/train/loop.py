@@ -17,7 +17,7 @@ from accelerate import skip_first_batches
 
 from hftk.errors import Preempted, RunError
 from hftk.recipe import TrainSection
-from hftk.tasks.text_to_text import IGNORE_INDEX
+from hftk.tasks.base import IGNORE_INDEX
 from hftk.tracking import MetricsLog, log
 from hftk.train.best import patience_ran_out, record_evaluation
 from hftk.train.objective import padding_counts, token_counts, token_loss_sums

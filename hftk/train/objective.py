@@ -12,8 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hftk.tasks.base import DECODER_ONLY, ENCODER_ONLY, EXAMPLE_INDEX
-from hftk.tasks.text_to_text import IGNORE_INDEX
+from hftk.tasks.base import DECODER_ONLY, ENCODER_ONLY, EXAMPLE_INDEX, IGNORE_INDEX
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "token_type_ids")
 
@@ -39,7 +38,11 @@ def token_loss_sums(model: Any, batch: dict[str, torch.Tensor], family: str) -> 
     """Summed cross-entropy per example, shape [batch]."""
     if family == ENCODER_ONLY:
         return span_losses(model, batch)
-    logits = model(**model_inputs(batch)).logits
+    return logits_loss_sums(model(**model_inputs(batch)).logits, batch, family)
+
+
+def logits_loss_sums(logits: torch.Tensor, batch: dict[str, torch.Tensor], family: str) -> torch.Tensor:
+    """Summed cross-entropy per example of a text model's logits against the batch's labels."""
     if family == DECODER_ONLY:
         logits = logits[:, :-1]
     labels = _target_labels(batch, family)
@@ -51,7 +54,10 @@ def token_loss_sums(model: Any, batch: dict[str, torch.Tensor], family: str) -> 
 
 def span_losses(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean of the start and end cross-entropies, per window."""
-    outputs = model(**model_inputs(batch))
+    return span_loss_of(model(**model_inputs(batch)), batch)
+
+
+def span_loss_of(outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     start = F.cross_entropy(outputs.start_logits.float(), batch["start_positions"], reduction="none")
     end = F.cross_entropy(outputs.end_logits.float(), batch["end_positions"], reduction="none")
     return (start + end) / 2

@@ -10,8 +10,7 @@ import pytest
 from hftk.errors import UserError
 from hftk.recipe import DataSection, TokenizerTraining
 from hftk.tasks import get_task
-from hftk.tasks.base import DECODER_ONLY
-from hftk.tasks.text_to_text import IGNORE_INDEX
+from hftk.tasks.base import DECODER_ONLY, IGNORE_INDEX
 from hftk.tokenizer import train_tokenizer
 
 CONTEXT = ("On Monday, Ana Costa, the mayor of Oslo, spoke to reporters. Ana Costa said the city plans to "

@@ -6,8 +6,7 @@ import pytest
 
 from hftk.recipe import DataSection, TokenizerTraining
 from hftk.tasks import get_task
-from hftk.tasks.base import DECODER_ONLY, ENCODER_DECODER
-from hftk.tasks.text_to_text import IGNORE_INDEX
+from hftk.tasks.base import DECODER_ONLY, ENCODER_DECODER, IGNORE_INDEX
 from hftk.tokenizer import train_tokenizer
 
 ROWS = {"document": ["The mayor of Oslo said the city will open a library.", "Rain fell in Lima."],

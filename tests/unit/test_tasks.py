@@ -10,11 +10,10 @@ import torch
 from hftk.errors import UserError
 from hftk.recipe import DataSection, TokenizerTraining
 from hftk.tasks import get_task
-from hftk.tasks.base import DECODER_ONLY, ENCODER_DECODER, ENCODER_ONLY, EXAMPLE_INDEX
+from hftk.tasks.base import DECODER_ONLY, ENCODER_DECODER, ENCODER_ONLY, EXAMPLE_INDEX, IGNORE_INDEX
 from hftk.tasks.dialogue import chat_tokens
 from hftk.tasks.extractive_qa import best_answer
 from hftk.tasks.squad_schema import flatten_nested_squad, repair_answer_starts
-from hftk.tasks.text_to_text import IGNORE_INDEX
 from hftk.tokenizer import train_tokenizer
 
 CONTEXT = ("On Monday, Ana Costa, the mayor of Oslo, spoke to reporters. Ana Costa said the city plans to "
