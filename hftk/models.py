@@ -267,11 +267,11 @@ def build_model(model: ModelSection, config: PretrainedConfig, encoding: Encodin
     """load_kwargs: extra from_pretrained arguments (a quantized LoRA base)."""
     auto_class = getattr(transformers, encoding.auto_class)
     if model.config is not None:
-        built = auto_class.from_config(align_with_tokenizer(config, tokenizer, model.config))
+        built = auto_class.from_config(align_with_tokenizer(config, tokenizer, model.config), **kernel_choices(model))
     else:
         built = auto_class.from_pretrained(
             model.name_or_path, config=config, revision=model.revision, trust_remote_code=model.trust_remote_code,
-            **(load_kwargs or {}),
+            **{"dtype": "float32", **kernel_choices(model), **(load_kwargs or {})},
         )
         if built.get_input_embeddings().num_embeddings < len(tokenizer):
             built.resize_token_embeddings(len(tokenizer))
@@ -281,6 +281,43 @@ def build_model(model: ModelSection, config: PretrainedConfig, encoding: Encodin
     if model.gradient_checkpointing:
         built.gradient_checkpointing_enable()
     return built
+
+
+def kernel_choices(model: ModelSection) -> dict[str, Any]:
+    """model.dtype and model.attn_implementation, as from_pretrained / from_config take them; unset,
+    transformers decides the attention kernel and the weights load in float32 (hftk's bit-exact default;
+    a bf16 checkpoint would otherwise train in bf16 without asking)."""
+    choices: dict[str, Any] = {}
+    if model.dtype is not None:
+        choices["dtype"] = model.dtype
+    if model.attn_implementation is not None:
+        choices["attn_implementation"] = model.attn_implementation
+    return choices
+
+
+KERNEL_SUPPORT = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn",
+                  "flash_attention_3": "_supports_flash_attn", "flex_attention": "_supports_flex_attn"}
+
+
+def check_kernel(model: ModelSection, config: PretrainedConfig, encoding: Encoding) -> None:
+    """An attention kernel the family or this machine cannot run is bad input, found before loading."""
+    import importlib.util
+
+    kernel = model.attn_implementation
+    if kernel is None or kernel == "eager":
+        return
+    mapping = getattr(transformers, encoding.auto_class)._model_mapping
+    model_class = mapping.get(type(config), None)  # a lazy mapping: get() needs its default
+    if model_class is not None and not getattr(model_class, KERNEL_SUPPORT[kernel], False):
+        instead = "sdpa or eager" if getattr(model_class, "_supports_sdpa", False) else "eager"
+        raise UserError(f"model.attn_implementation: {model_class.__name__} does not support {kernel}; use {instead}")
+    if kernel.startswith("flash_attention"):
+        package = "flash_attn_interface" if kernel == "flash_attention_3" else "flash_attn"
+        import torch
+
+        if not torch.cuda.is_available() or importlib.util.find_spec(package) is None:
+            raise UserError(f"model.attn_implementation: {kernel} needs a CUDA GPU and the {package} package; "
+                            f"use sdpa")
 
 
 def _first_line(err: BaseException) -> str:

@@ -21,8 +21,9 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").lower() in {"1", "true", "yes", "on"}
 
 
-def launch_problems() -> None:
-    """Checks on the launch environment, before any process group exists."""
+def launch_problems(recipe_bf16: bool = False) -> None:
+    """Checks on the launch environment, before any process group exists. The recipe's train.bf16 wins
+    over the launcher's mixed_precision."""
     if unjoined_launch():
         raise UserError(
             "this launch was told of several processes or machines but started this one alone (accelerate launch "
@@ -37,7 +38,7 @@ def launch_problems() -> None:
             "ACCELERATE_USE_CPU=true turns a DeepSpeed config into plain DDP; launch DeepSpeed configs without it "
             "(hftk uses Gloo on CPUs by itself)"
         )
-    if requested == "fp16" and not gpu:
+    if requested == "fp16" and not gpu and not recipe_bf16:
         raise UserError("mixed_precision fp16 cannot run on a CPU; use bf16 or no in the accelerate config")
 
 
@@ -163,6 +164,10 @@ class AccelerateStrategy:
         self.hook_state = comm_hooks.register(model, self.settings)
         return model, optimizer, loader
 
+    def data_processes(self, accelerator: Any) -> int:
+        """How many processes read different batches (the global batch is this times the per-device one)."""
+        return accelerator.num_processes
+
     def prepare_loader(self, accelerator: Any, loader: Any) -> Any:
         return accelerator.prepare(loader)
 
@@ -210,6 +215,10 @@ class CpuFsdpStrategy:
         log.info(f"fully_shard over {accelerator.num_processes} processes: this one holds {local} of {total} parameters")
         # Only the loader goes through prepare(): Accelerate would wrap the sharded model in DDP.
         return model, make_optimizer(model), accelerator.prepare(loader)
+
+    def data_processes(self, accelerator: Any) -> int:
+        """How many processes read different batches (the global batch is this times the per-device one)."""
+        return accelerator.num_processes
 
     def prepare_loader(self, accelerator: Any, loader: Any) -> Any:
         return accelerator.prepare(loader)

@@ -202,19 +202,20 @@ def count_parameters(model: Any) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
-def padding_fraction(features: Any, collator: Any, batch_size: int, seed: int, processes: int) -> float:
-    """The share of padded positions over the first epoch of the run's own loaders: Accelerate's
-    seeded sampler and split over processes, the task's collator, and the run's padding_counts."""
+def padding_fraction(plan: Any, features: Any, collator: Any, processes: int) -> float:
+    """The share of padded positions over the first epoch of the run's own loaders: the run's sampler
+    (length-grouped or Accelerate's seeded one) and split over processes, the task's collator, and the
+    run's padding_counts."""
     import torch
     from accelerate.data_loader import prepare_data_loader
 
-    from hftk.prepare import make_loader
+    from hftk.prepare import train_loader
     from hftk.train.objective import padding_counts
 
     counts = torch.zeros(2, dtype=torch.long)
     for rank in range(processes):
-        torch.manual_seed(seed)  # the sampler's seed, as set_seed(train.seed) leaves it in the run
-        loader = prepare_data_loader(make_loader(features, collator, batch_size, True, seed), num_processes=processes,
+        torch.manual_seed(plan.recipe.train.seed)  # the sampler's seed, as set_seed(train.seed) leaves it in the run
+        loader = prepare_data_loader(train_loader(plan, features, collator, processes), num_processes=processes,
                                      process_index=rank, put_on_device=False, use_seedable_sampler=True)
         loader.set_epoch(0)
         for batch in loader:
@@ -256,7 +257,7 @@ def make_plan(recipe: Recipe, launch: LaunchShape, link: Interconnect | None = N
         trainable_parameters=trainable, launch=launch,
         memory_per_process=model_state_memory(trainable, precision, n),
         activation_bytes_per_process=activations, source_lengths=source_stats, target_lengths=target_stats,
-        padding_fraction=padding_fraction(features, collator, settings.per_device_train_batch_size, settings.seed, n),
+        padding_fraction=padding_fraction(plan, features, collator, n),
         train_examples=len(features), steps_per_epoch=steps_per_epoch,
         total_steps=total_optimizer_steps(settings, batches_per_process), tokens_per_step=tokens_per_step,
         flops_per_step=6 * total * tokens_per_step,

@@ -39,6 +39,7 @@ def plan_inputs(recipe: Recipe, split_keys: list[str], model_dir: str | None = N
     config = models.resolve_config(model_section)
     encoding = models.pick_encoding(task, config)
     models.check_lengths(config, encoding.family, recipe.data.max_source_length, recipe.data.max_target_length)
+    models.check_kernel(model_section, config, encoding)
     return Plan(recipe, task, config, encoding, splits)
 
 
@@ -49,12 +50,14 @@ def make_accelerator(settings: TrainSection, trackers: list[str] | None = None):
 
     from hftk.trackers import LOGGING_DIR
 
-    parallel.launch_problems()
+    parallel.launch_problems(settings.bf16)
     tensor_parallel.requested()  # bad sizes are bad input, found before the process group starts
     tensor_parallel.keep_accelerate_out()
     project = ProjectConfiguration(project_dir=settings.output_dir,
                                    logging_dir=str(Path(settings.output_dir) / LOGGING_DIR))
-    accelerator = Accelerator(cpu=parallel.cpu_processes(), dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    # train.bf16 wins over the launcher's mixed_precision; unset, the launcher (or accelerate config) decides.
+    accelerator = Accelerator(cpu=parallel.cpu_processes(), mixed_precision="bf16" if settings.bf16 else None,
+                              dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
                               kwargs_handlers=parallel.process_group_kwargs(settings.ddp_timeout),
                               log_with=trackers or None, project_config=project)
     parallel.check_world(accelerator)
@@ -85,16 +88,32 @@ def _raw_tokenizer(plan: Plan, accelerator: Any) -> Any:
         return tok.trained_tokenizer(texts, spec.train, plan.encoding.family, key, accelerator.is_main_process)
 
 
-def make_loader(dataset: datasets.Dataset, collator: Any, batch_size: int, shuffle: bool, seed: int, workers: int = 0):
+def make_loader(dataset: datasets.Dataset, collator: Any, batch_size: int, shuffle: bool, seed: int, workers: int = 0,
+                sampler: Any = None):
     """A loader with a generator of its own. Without one, every new iterator (each epoch, each
     evaluation, the resumed loader) draws its worker base seed from the global generator, which
-    dropout also draws from: evaluation would change training, and a resume would shift every mask."""
+    dropout also draws from: evaluation would change training, and a resume would shift every mask.
+    `sampler` (an order of its own, e.g. length-grouped) replaces shuffle."""
     import torch
     from torch.utils.data import DataLoader
 
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collator, num_workers=workers,
-                      generator=generator)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      collate_fn=collator, num_workers=workers, generator=generator)
+
+
+def train_loader(plan: Plan, features: datasets.Dataset, collator: Any, data_processes: int) -> Any:
+    """Shuffled each epoch; with train.group_by_length, in batches of similar lengths formed over the
+    global batch (per-device batch x data-parallel processes)."""
+    from hftk.train.batching import LengthGroupedSampler, example_lengths
+
+    settings = plan.recipe.train
+    sampler = None
+    if settings.group_by_length:
+        sampler = LengthGroupedSampler(example_lengths(features, plan.encoding.family),
+                                       settings.per_device_train_batch_size * data_processes, settings.seed)
+    return make_loader(features, collator, settings.per_device_train_batch_size, True, settings.seed,
+                       settings.dataloader_num_workers, sampler)
 
 
 def tokenized(plan: Plan, accelerator: Any, tokenizer: Any, key: str, training: bool) -> datasets.Dataset:
@@ -112,5 +131,11 @@ def eval_loader(plan: Plan, accelerator: Any, model: Any, tokenizer: Any, featur
     """Prepared once per run: every prepare() call adds a loader Accelerate keeps for good. `shard` splits
     it over the processes (Accelerate's prepare unless the strategy splits data its own way)."""
     collator = plan.task.collator(tokenizer, plan.encoding.family, decoder_inputs_for(accelerator.unwrap_model(model)))
+    from hftk.train.batching import example_lengths
+
+    # Longest first: generation pads each batch to its longest example, so similar lengths waste least;
+    # predictions map back to their rows by EXAMPLE_INDEX, so the order changes no number.
+    lengths = example_lengths(features, plan.encoding.family)
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return (shard or accelerator.prepare)(make_loader(features, collator, plan.recipe.eval.per_device_eval_batch_size,
-                                           shuffle=False, seed=plan.recipe.train.seed))
+                                           shuffle=False, seed=plan.recipe.train.seed, sampler=order))

@@ -83,6 +83,10 @@ class ModelSection(Section):
     trust_remote_code: bool = False
     revision: str | None = None
     gradient_checkpointing: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
+        None, description="Weights' dtype passed to from_pretrained (auto: the checkpoint's); default float32.")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] | None = Field(
+        None, description="Attention kernel passed to transformers (default: its choice, SDPA where the family has it).")
 
     _home_expanded = field_validator("name_or_path")(_expand_home)
 
@@ -168,6 +172,10 @@ class TrainSection(Section):
     resume_from_checkpoint: str | None = None
     overwrite_output_dir: bool = False
     dataloader_num_workers: int = Field(0, ge=0, le=MAX_WORKERS)
+    group_by_length: bool = Field(
+        True, description="Batch examples of similar length together (less padding); the order stays random.")
+    bf16: bool = Field(
+        False, description="bf16 autocast (weights and optimizer stay fp32); wins over the launcher's mixed_precision.")
     ddp_timeout: int = Field(1800, ge=10, le=MAX_TIMEOUT_S,
                              description="Seconds a collective may wait for a silent process.")
     load_best_model_at_end: bool = Field(

@@ -19,9 +19,9 @@ from hftk.prepare import (
     decoder_inputs_for,
     eval_loader,
     make_accelerator,
-    make_loader,
     plan_inputs,
     tokenized,
+    train_loader,
 )
 from hftk.recipe import Recipe
 from hftk.report import write_training_curves
@@ -142,8 +142,7 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, 
              f"({sizes['trainable_parameters'] / max(sizes['total_parameters'], 1):.2%})")
     parallel.apply_recipe_to_deepspeed(accelerator, settings.max_grad_norm)
     collator = plan.task.collator(tokenizer, plan.encoding.family, decoder_inputs_for(model))
-    loader = make_loader(train_features, collator, settings.per_device_train_batch_size, True, settings.seed,
-                         settings.dataloader_num_workers)
+    loader = train_loader(plan, train_features, collator, strategy.data_processes(accelerator))
     model, optimizer, loader = strategy.prepare(accelerator, model, lambda m: build_optimizer(m, settings), loader)
     total_steps = total_optimizer_steps(settings, len(loader))
     # Not passed to prepare(): Accelerate would step it once per process per optimizer step.

@@ -120,6 +120,9 @@ class TensorParallelStrategy(CpuFsdpStrategy):
                  f"{local} of {total} parameters")
         return model, make_optimizer(model), self.prepare_loader(accelerator, loader)
 
+    def data_processes(self, accelerator: Any) -> int:
+        return self.sizes.dp_shard  # the processes of one TP group read the same batches
+
     def prepare_loader(self, accelerator: Any, loader: Any) -> Any:
         """Split over the data dimension only: the processes of one TP group get the same batches."""
         from accelerate.data_loader import prepare_data_loader
