@@ -125,6 +125,7 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, 
     Returns the loop's parts, the validation evaluation (results, prediction rows) or None, and the
     trainable and total parameter counts."""
     from hftk.train.loop import LoopParts
+    from hftk.train.mfu import flop_counter, peak_flops, training_dtype
     from hftk.train.optim import build_optimizer, build_scheduler, total_optimizer_steps
     from hftk.train.preemption import StopFlag
     from hftk.train.progress import start_progress
@@ -138,6 +139,7 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, 
     if plan.adapter is not None:  # before prepare(): DDP and the optimizer see only what trains
         model = adapters.wrap(model, plan.adapter, recipe.model.gradient_checkpointing)
     sizes = adapters.count_parameters(model)
+    flops = flop_counter(model, plan.encoding.family)  # before sharding: every process counts the whole model
     log.info(f"trainable parameters: {sizes['trainable_parameters']:,} of {sizes['total_parameters']:,} "
              f"({sizes['trainable_parameters'] / max(sizes['total_parameters'], 1):.2%})")
     parallel.apply_recipe_to_deepspeed(accelerator, settings.max_grad_norm)
@@ -176,7 +178,8 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, 
     progress = start_progress(accelerator.is_main_process, total_steps, state.optimizer_step)
     parts = LoopParts(accelerator, model, optimizer, scheduler, loader, plan.encoding.family, total_steps, state,
                       metrics_log, evaluate and (lambda: evaluate()[0]), save, StopFlag().install(), progress,
-                      counts_tokens=getattr(strategy, "counts_tokens", True))
+                      counts_tokens=getattr(strategy, "counts_tokens", True), flops=flops,
+                      peak_flops=peak_flops(accelerator.device, training_dtype(accelerator)))
     return parts, evaluate, sizes
 
 

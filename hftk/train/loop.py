@@ -42,6 +42,8 @@ class LoopParts:
     stop: StopFlag
     progress: NoProgress
     counts_tokens: bool = True  # False where another process reads the same batches (tensor parallel)
+    flops: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None  # training FLOPs of a micro-batch
+    peak_flops: float = 0.0  # what one process's device can do per second
 
 
 def windows(batches: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -127,7 +129,8 @@ def train(parts: LoopParts, settings: TrainSection, last_good: Callable[[], str 
     divergence = Divergence(accelerator.device)
     padding = torch.zeros(2, dtype=torch.long, device=accelerator.device)  # [padded, all] positions since start
     total_loss, total_steps_run, started = 0.0, 0, time.perf_counter()
-    clock = {"since": time.perf_counter(), "tokens": 0}
+    clock = {"since": time.perf_counter(), "tokens": 0, "flops": 0.0}
+    pending_flops = torch.zeros((), dtype=torch.float64, device=accelerator.device)
     batches_per_epoch = len(parts.loader)
     patience_over = patience_ran_out(state, settings)  # a resumed run that had already run out of patience
     while state.optimizer_step < parts.total_steps and not patience_over:
@@ -140,6 +143,8 @@ def train(parts: LoopParts, settings: TrainSection, last_good: Callable[[], str 
             if parts.counts_tokens:
                 pending_tokens += sum(batch_tokens(b) for b in window)
                 padding += sum(padding_counts(b) for b in window)
+                if parts.flops is not None:
+                    pending_flops += sum(parts.flops(b) for b in window)
             state.optimizer_step += 1
             state.pending_steps += 1
             state.batches_in_epoch += len(window)
@@ -150,10 +155,10 @@ def train(parts: LoopParts, settings: TrainSection, last_good: Callable[[], str 
             parts.progress.advance(step, state.epoch + state.batches_in_epoch / batches_per_epoch)
             if step % settings.logging_steps == 0 or step == parts.total_steps:
                 divergence.check(accelerator, last_good)
-                row = _log_row(parts, pending_loss, pending_tokens, batches_per_epoch, clock)
+                row = _log_row(parts, pending_loss, pending_tokens, pending_flops, batches_per_epoch, clock)
                 total_loss += row["loss"] * state.pending_steps
                 total_steps_run += state.pending_steps
-                pending_loss.zero_(), pending_tokens.zero_()
+                pending_loss.zero_(), pending_tokens.zero_(), pending_flops.zero_()
                 state.pending_steps = 0
             saving = bool(settings.save_steps) and step % settings.save_steps == 0 and step < parts.total_steps
             if parts.evaluate and settings.eval_steps and step % settings.eval_steps == 0 and step < parts.total_steps:
@@ -179,25 +184,32 @@ def train(parts: LoopParts, settings: TrainSection, last_good: Callable[[], str 
     divergence.check(accelerator, last_good)
     runtime = time.perf_counter() - started
     padded, positions = accelerator.reduce(padding, reduction="sum").tolist()
-    return {"train_loss": total_loss / max(total_steps_run, 1), "train_runtime": runtime,
-            "train_tokens_per_second": clock["tokens"] / max(runtime, 1e-9), "train_steps": state.optimizer_step,
-            "train_padding_fraction": padded / max(positions, 1)}
+    results = {"train_loss": total_loss / max(total_steps_run, 1), "train_runtime": runtime,
+               "train_tokens_per_second": clock["tokens"] / max(runtime, 1e-9), "train_steps": state.optimizer_step,
+               "train_padding_fraction": padded / max(positions, 1)}
+    if parts.flops is not None and parts.peak_flops:
+        results["train_mfu"] = clock["flops"] / max(runtime, 1e-9) / (parts.peak_flops * accelerator.num_processes)
+    return results
 
 
-def _log_row(parts: LoopParts, pending_loss: torch.Tensor, pending_tokens: torch.Tensor, batches_per_epoch: int,
-             clock: dict[str, float]) -> dict[str, float]:
+def _log_row(parts: LoopParts, pending_loss: torch.Tensor, pending_tokens: torch.Tensor, pending_flops: torch.Tensor,
+             batches_per_epoch: int, clock: dict[str, float]) -> dict[str, float]:
     accelerator, state = parts.accelerator, parts.state
     loss = accelerator.reduce(pending_loss.clone(), reduction="sum").item() / max(state.pending_steps, 1)
     tokens = int(accelerator.reduce(pending_tokens.clone(), reduction="sum").item())
+    flops = accelerator.reduce(pending_flops.clone(), reduction="sum").item()
     now = time.perf_counter()
+    elapsed = max(now - clock["since"], 1e-9)
     row = {
         "step": state.optimizer_step,
         "epoch": round(state.epoch + state.batches_in_epoch / max(batches_per_epoch, 1), 4),
         "loss": loss,
         "learning_rate": parts.scheduler.get_last_lr()[0],
-        "tokens_per_second": tokens / max(now - clock["since"], 1e-9),
+        "tokens_per_second": tokens / elapsed,
     }
-    clock["since"], clock["tokens"] = now, clock["tokens"] + tokens
+    if parts.flops is not None and parts.peak_flops:
+        row["mfu"] = flops / elapsed / (parts.peak_flops * accelerator.num_processes)
+    clock["since"], clock["tokens"], clock["flops"] = now, clock["tokens"] + tokens, clock["flops"] + flops
     parts.metrics_log.write(row)
     parts.progress.show(row)
     return row
