@@ -29,8 +29,11 @@ Each side runs in a process of its own; peak memory is that process's peak resid
 ru_maxrss), host memory only. Tokens are non-pad tokens of the batches trained (encoder inputs plus
 decoder targets for encoder-decoders), counted the same way on both sides. Training seconds are the
 loop's own (hftk's train_runtime; the Trainer's on_train_begin -> on_train_end). Evaluation seconds
-time the validation pass: generation (or span search), decoding and scoring, for hftk on its saved
-model through its own evaluate_split.
+time the validation pass as each side does it, the validation loss included (hftk reports it; the
+Trainer's predict computes it, and the decoder-only side calls Trainer.evaluate): forward passes,
+generation or span search, decoding and scoring; for hftk, its own evaluate_split on its saved model.
+Both paths also evaluate hftk's final weights, which times them on identical work and checks that
+they predict the same texts.
 
 Time to the Trainer's metric: a second hftk run of the first seed evaluates every --eval-every
 optimizer steps (the same trajectory: evaluation draws no random numbers); the first evaluation whose

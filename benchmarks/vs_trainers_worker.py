@@ -218,7 +218,8 @@ class TrainerSide:
         output = self.trainer.train()
         train_seconds = clock.ended - clock.began
         tokens, padded, positions = self.trainer.tally.tolist()
-        return {"trainer": self.trainer_class_name, "optimizer": str(self.trainer.args.optim),
+        optim = self.trainer.args.optim
+        return {"trainer": self.trainer_class_name, "optimizer": getattr(optim, "value", optim),
                 "train_seconds": train_seconds, "train_steps": output.global_step, "train_loss": output.training_loss,
                 "train_tokens": tokens, "train_tokens_per_second": tokens / max(train_seconds, 1e-9),
                 "train_padding_fraction": padded / max(positions, 1), "train_features": len(train_set)}
@@ -271,7 +272,8 @@ class Seq2SeqSide(TrainerSide):
 class CausalSide(TrainerSide):
     """hftk's tokenized rows (prompt labels already -100, as text_to_text.encode_prompt_completion
     makes them), padded by DataCollatorForSeq2Seq (labels with -100); the Trainer's causal LM loss
-    shifts the labels itself. Trainer has no generation: a plain greedy loop over left-padded prompts."""
+    shifts the labels itself. Evaluation: Trainer.evaluate for the loss, then, as Trainer has no
+    generation, a plain greedy loop over left-padded prompts."""
 
     def train_set(self):
         return self.tokenize(True)
@@ -282,10 +284,16 @@ class CausalSide(TrainerSide):
         return DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=IGNORE_INDEX)
 
     def eval_data(self):
-        return self.tokenize(False)["prompt_input_ids"]
+        features = self.tokenize(False)
+        return features, features["prompt_input_ids"]
+
+    def predict(self, eval_inputs) -> list[str]:
+        features, prompts = eval_inputs
+        self.trainer.evaluate(features)  # the validation loss, which hftk's evaluation reports too
+        return self.generate(prompts)
 
     @torch.no_grad()
-    def predict(self, prompts: list[list[int]]) -> list[str]:
+    def generate(self, prompts: list[list[int]]) -> list[str]:
         model, settings, pad_id = self.trainer.model, self.recipe.eval, self.tokenizer.pad_token_id
         model.eval()
         device = next(model.parameters()).device
