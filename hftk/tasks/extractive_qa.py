@@ -154,15 +154,20 @@ def best_answer(context: str, windows: list[tuple[torch.Tensor, torch.Tensor]], 
         start_logits, end_logits = logits[0], logits[1]
         window_null = (start_logits[0] + end_logits[0]).item()
         null_score = window_null if null_score is None else min(null_score, window_null)
-        starts = torch.topk(start_logits, min(N_BEST, start_logits.numel())).indices.tolist()
-        ends = torch.topk(end_logits, min(N_BEST, end_logits.numel())).indices.tolist()
-        for s in starts:
-            for e in ends:
-                if e < s or e - s + 1 > MAX_ANSWER_TOKENS or offsets[s][0] < 0 or offsets[e][0] < 0:
-                    continue
-                score = (start_logits[s] + end_logits[e]).item()
-                if best_score is None or score > best_score:
-                    best_score, best_text = score, context[int(offsets[s][0]):int(offsets[e][1])]
+        starts = torch.topk(start_logits, min(N_BEST, start_logits.numel())).indices
+        ends = torch.topk(end_logits, min(N_BEST, end_logits.numel())).indices
+        # Every (start, end) pair of the top candidates at once; invalid pairs can never win.
+        scores = start_logits[starts][:, None] + end_logits[ends][None, :]
+        span = ends[None, :] - starts[:, None]
+        valid = (span >= 0) & (span < MAX_ANSWER_TOKENS) & (offsets[starts, 0] >= 0)[:, None] & (offsets[ends, 0] >= 0)[None, :]
+        if not valid.any():
+            continue
+        flat = torch.where(valid, scores, torch.tensor(float("-inf"))).flatten()
+        pick = int(flat.argmax())  # the first of equal scores, in (start, end) order
+        score = flat[pick].item()
+        if best_score is None or score > best_score:
+            s, e = starts[pick // len(ends)], ends[pick % len(ends)]
+            best_score, best_text = score, context[int(offsets[s][0]):int(offsets[e][1])]
     if best_score is None or (allow_empty and null_score is not None and null_score > best_score):
         return ""
     return best_text

@@ -27,11 +27,15 @@ def run_evaluation(accelerator: Any, model: Any, loader: Any, tokenizer: Any, ta
     collected: dict[str, list[torch.Tensor]] = defaultdict(list)
     for batch in loader:
         features = without_index(batch)
-        outputs = task.predict(accelerator, model, features, tokenizer, settings, family)
-        losses = outputs.pop("loss", None)  # a task that ran the model for its prediction may give the loss too
+        # generate() calls the unwrapped model's parts directly, outside the autocast Accelerate puts
+        # around the prepared model's forward: evaluate in the precision training ran in.
+        with accelerator.autocast():
+            outputs = task.predict(accelerator, model, features, tokenizer, settings, family)
+            losses = outputs.pop("loss", None)  # a task that ran the model for its prediction may give the loss too
+            if losses is None:
+                losses = token_loss_sums(model, features, family)
         gathered = accelerator.gather_for_metrics({
-            EXAMPLE_INDEX: batch[EXAMPLE_INDEX],
-            "loss": token_loss_sums(model, features, family) if losses is None else losses,
+            EXAMPLE_INDEX: batch[EXAMPLE_INDEX], "loss": losses,
             "count": token_counts(features, family), **outputs,
         })
         loss_sum += gathered.pop("loss").double().sum().cpu()
