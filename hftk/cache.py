@@ -1,0 +1,11 @@
+"""hftk's own cache folder: tokenizers trained on a recipe's data and `hftk validate`'s remembered answers."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """$HFTK_CACHE, or ~/.cache/hftk."""
+    return Path(os.environ.get("HFTK_CACHE", Path.home() / ".cache" / "hftk"))
