@@ -206,16 +206,29 @@ def interconnect(bandwidth_gbps: float, latency_us: float, tflops: float):
 
 
 @app.command(name="recipe-schema")
-def recipe_schema(as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table.")) -> None:
+def recipe_schema(
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print markdown tables (the README's recipe reference)."),
+    readme: Path | None = typer.Option(None, "--write-readme", show_default=False,
+                                       help="Write the markdown between the recipe-reference marker comments of "
+                                            "this README."),
+) -> None:
     """Every recipe key with its type, default and description."""
 
     def action():
         import json
 
-        from hftk.schema import print_schema, recipe_keys
+        from hftk.schema import markdown_reference, print_schema, recipe_keys, write_readme
 
+        if sum((as_json, markdown, readme is not None)) > 1:
+            raise UserError("--json, --markdown and --write-readme exclude each other")
         if as_json:
             typer.echo(json.dumps(recipe_keys(), indent=2, default=str))
+        elif markdown:
+            typer.echo(markdown_reference(), nl=False)
+        elif readme is not None:
+            changed = write_readme(readme)
+            typer.echo(f"{readme}: recipe reference {'updated' if changed else 'already current'}")
         else:
             print_schema()
 
