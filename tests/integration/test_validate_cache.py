@@ -89,3 +89,10 @@ def test_output_dir_and_logged_notes_are_fresh_on_a_remembered_answer(tmp_path):
     assert f"note: finetune would stop (exit 2): train.output_dir: {run} already holds a run" in second.stdout
     dropped = "data.train: dropped 1 bad rows of 3001"
     assert dropped in first.stderr and dropped in second.stderr  # what the checks logged is shown again
+
+
+def test_a_mistyped_key_is_reported_before_the_ml_libraries_load(tmp_path):
+    recipe = write_recipe(tmp_path, tiny_recipe(tmp_path))
+    for command in ("validate", "finetune", "plan"):
+        status, _, imported = probe(command, str(recipe), "train.learnig_rate=1e-3")
+        assert status == 2 and imported == [], (command, imported)
