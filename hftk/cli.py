@@ -68,9 +68,10 @@ def finetune(recipe: Path = RecipeArg, overrides: list[str] | None = OverridesAr
     from hftk.recipe import load_recipe
 
     def action():
+        checked = load_recipe(recipe, overrides)  # a mistyped key shows before torch is imported
         from hftk.run import finetune as run_finetune
 
-        run_finetune(load_recipe(recipe, overrides))
+        run_finetune(checked)
 
     _guarded(action, quiet, verbose)
 
@@ -94,12 +95,12 @@ def evaluate(
     from hftk.recipe import load_recipe
 
     def action():
-        from hftk.evaluate import evaluate_saved
-
         if split not in {"train", "validation", "test"}:
             raise UserError(f"--split must be train, validation or test, not '{split}'")
-        results = evaluate_saved(load_recipe(recipe, overrides), _expand_home(model), split,
-                                 _expand_home(output_dir), prompt, temperature)
+        checked = load_recipe(recipe, overrides)
+        from hftk.evaluate import evaluate_saved
+
+        results = evaluate_saved(checked, _expand_home(model), split, _expand_home(output_dir), prompt, temperature)
         if _is_main_process():
             for key, value in results.items():
                 typer.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
@@ -108,21 +109,17 @@ def evaluate(
 
 
 @app.command()
-def validate(recipe: Path = RecipeArg, overrides: list[str] | None = OverridesArg) -> None:
+def validate(recipe: Path = RecipeArg, overrides: list[str] | None = OverridesArg,
+             no_cache: bool = typer.Option(False, "--no-cache", help="Check the data and the model again even "
+                                           "if these exact inputs passed before.")) -> None:
     """Check the recipe, its files and columns and the model config without loading a model."""
     from hftk.recipe import load_recipe
 
     def action():
-        from hftk.run import plan_finetune
+        from hftk.validation import validate as validate_recipe
 
-        notes: list[str] = []
-        plan = plan_finetune(load_recipe(recipe, overrides), notes)
-        sizes = ", ".join(f"{k}: {len(v)} rows" for k, v in plan.splits.items())
-        family = plan.encoding.family
-        article = "an" if family[0] in "aeiou" else "a"
-        typer.echo(f"ok: {plan.recipe.task} on {article} {family} {plan.config.model_type} model; {sizes}")
-        for note in notes:
-            typer.echo(f"note: {note}")
+        for line in validate_recipe(load_recipe(recipe, overrides), remember=not no_cache):
+            typer.echo(line)
 
     _guarded(action)
 
@@ -183,10 +180,11 @@ def plan(
     def action():
         import json
 
+        link = interconnect(bandwidth_gbps, latency_us, tflops)
+        checked = load_recipe(recipe, overrides)  # a mistyped key shows before torch is imported
         from hftk.planning import make_plan, print_plan, read_launch_config
 
-        link = interconnect(bandwidth_gbps, latency_us, tflops)
-        report = make_plan(load_recipe(recipe, overrides), read_launch_config(config_file, num_processes), link)
+        report = make_plan(checked, read_launch_config(config_file, num_processes), link)
         if as_json:
             typer.echo(json.dumps(report.to_dict(), indent=2))
         else:
@@ -208,16 +206,29 @@ def interconnect(bandwidth_gbps: float, latency_us: float, tflops: float):
 
 
 @app.command(name="recipe-schema")
-def recipe_schema(as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table.")) -> None:
+def recipe_schema(
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
+    markdown: bool = typer.Option(False, "--markdown", help="Print markdown tables (the README's recipe reference)."),
+    readme: Path | None = typer.Option(None, "--write-readme", show_default=False,
+                                       help="Write the markdown between the recipe-reference marker comments of "
+                                            "this README."),
+) -> None:
     """Every recipe key with its type, default and description."""
 
     def action():
         import json
 
-        from hftk.schema import print_schema, recipe_keys
+        from hftk.schema import markdown_reference, print_schema, recipe_keys, write_readme
 
+        if sum((as_json, markdown, readme is not None)) > 1:
+            raise UserError("--json, --markdown and --write-readme exclude each other")
         if as_json:
             typer.echo(json.dumps(recipe_keys(), indent=2, default=str))
+        elif markdown:
+            typer.echo(markdown_reference(), nl=False)
+        elif readme is not None:
+            changed = write_readme(readme)
+            typer.echo(f"{readme}: recipe reference {'updated' if changed else 'already current'}")
         else:
             print_schema()
 

@@ -142,7 +142,8 @@ def _without_bad_rows(dataset: datasets.Dataset, problems: pa.ChunkedArray, data
         raise UserError(f"{where}: {bad} of {total} rows are bad; {first_problem} "
                         f"(set data.drop_bad_rows=true to skip them)")
     log.info(f"{where}: dropped {bad} bad rows of {total} ({first_problem})")
-    return dataset.select(pc.indices_nonzero(pc.is_null(problems)).to_numpy())
+    # as int64: datasets' fast path for a contiguous run of rows (bad rows only at the end) fails on uint64
+    return dataset.select(pc.indices_nonzero(pc.is_null(problems)).to_numpy().astype("int64"))
 
 
 def check_json_tail(dataset: datasets.Dataset, path: Path, columns: list[str], where: str) -> None:

@@ -5,7 +5,9 @@ devices (hftk/scaling.py).
 
 Model-state memory follows the ZeRO paper (Rajbhandari et al., 2020): Adam in fp32 keeps 16 bytes per
 parameter (4 weights + 4 gradients + 8 moments); mixed precision keeps 2 + 2 + 12 (16-bit weights and
-gradients, fp32 master weights and moments).
+gradients, fp32 master weights and moments). DeepSpeed keeps the paper's 12 optimizer bytes in fp32 too,
+and ZeRO-3 keeps small parameters whole; model_state_memory says where (measured against real runs by
+benchmarks/model_states.py, tests/integration/test_plan.py).
 """
 
 from __future__ import annotations
@@ -40,11 +42,18 @@ class Precision:
 PRECISIONS = {"no": Precision("no", 4, 4, 8), "bf16": Precision("bf16", 2, 2, 12), "fp16": Precision("fp16", 2, 2, 12)}
 
 
+# DeepSpeed's stage3_param_persistence_threshold default: ZeRO-3 keeps parameters of at most this many
+# elements whole on every process (no gather for each use), beside their partition.
+PERSISTENCE_THRESHOLD = 100_000
+
+
 @dataclass
 class LaunchShape:
     num_processes: int = 1
     mixed_precision: str = "no"
     strategy: str = "ddp"  # the row of the memory table this accelerate config runs
+    # ZeRO-3's threshold: a number of elements, or "auto" (Accelerate makes it 10 x the hidden size)
+    param_persistence_threshold: int | str = PERSISTENCE_THRESHOLD
 
 
 def read_launch_config(path: Path | None, num_processes: int | None) -> LaunchShape:
@@ -59,7 +68,9 @@ def read_launch_config(path: Path | None, num_processes: int | None) -> LaunchSh
             raise UserError(f"--config-file: cannot read {path}: {err}") from None
         shape.num_processes = int(config.get("num_processes", 1))
         shape.mixed_precision = str(config.get("mixed_precision", "no"))
-        shape.strategy = _strategy_of(config)
+        deepspeed = _deepspeed_settings(config, Path(path).parent)
+        shape.strategy = _strategy_of(config, deepspeed)
+        shape.param_persistence_threshold = _persistence_threshold(deepspeed)
     if num_processes is not None:
         shape.num_processes = num_processes
     if shape.mixed_precision not in PRECISIONS:
@@ -67,10 +78,9 @@ def read_launch_config(path: Path | None, num_processes: int | None) -> LaunchSh
     return shape
 
 
-def _strategy_of(config: dict[str, Any]) -> str:
+def _strategy_of(config: dict[str, Any], deepspeed: dict[str, Any]) -> str:
     kind = str(config.get("distributed_type", "NO")).upper()
     if kind == "DEEPSPEED":
-        deepspeed = config.get("deepspeed_config", {})
         stage = int(deepspeed.get("zero_stage", 0))
         offloaded = any(deepspeed.get(k, "none") not in ("none", None) for k in
                         ("offload_optimizer_device", "offload_param_device"))
@@ -81,20 +91,68 @@ def _strategy_of(config: dict[str, Any]) -> str:
     return "ddp"
 
 
-def model_state_memory(num_params: int, precision: Precision, processes: int) -> dict[str, dict[str, float]]:
-    """Bytes per process for weights + gradients + optimizer states: {strategy: {"device": B, "cpu": B}}."""
+def _deepspeed_settings(config: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """The accelerate config's deepspeed_config keys, or the same read from the DeepSpeed JSON it names
+    (deepspeed_config_file: found as Accelerate finds it, else beside the accelerate config)."""
+    import json
+
+    inline = config.get("deepspeed_config") or {}
+    name = inline.get("deepspeed_config_file")
+    if not name:
+        return inline
+    json_path = Path(name) if Path(name).exists() else folder / name
+    try:
+        zero = json.loads(json_path.read_text()).get("zero_optimization", {})
+        return {"zero_stage": zero.get("stage", 0),
+                "offload_optimizer_device": (zero.get("offload_optimizer") or {}).get("device", "none"),
+                "offload_param_device": (zero.get("offload_param") or {}).get("device", "none"),
+                "stage3_param_persistence_threshold": zero.get("stage3_param_persistence_threshold",
+                                                               PERSISTENCE_THRESHOLD)}
+    except (OSError, ValueError, AttributeError) as err:
+        raise UserError(f"--config-file: cannot read its deepspeed_config_file {name}: {err}") from None
+
+
+def _persistence_threshold(deepspeed: dict[str, Any]) -> int | str:
+    value = deepspeed.get("stage3_param_persistence_threshold", PERSISTENCE_THRESHOLD)
+    try:
+        return value if value == "auto" else int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"--config-file: stage3_param_persistence_threshold must be a number or auto, "
+                        f"not {value!r}") from None
+
+
+# DeepSpeed steps an fp32 master partition with Adam's two fp32 moments whatever the weights' precision:
+# with fp32 weights too, it keeps that partition as a copy of its own (4 + 8 bytes per parameter).
+DEEPSPEED_OPTIMIZER = 12
+FP32_GRADIENTS = 4  # an offloaded optimizer steps on the CPU from an fp32 copy of the gradient partition
+
+
+def model_state_memory(num_params: int, precision: Precision, processes: int,
+                       persistent_params: int = 0) -> dict[str, dict[str, float]]:
+    """Bytes per process for weights + gradients + optimizer states: {strategy: {"device": B, "cpu": B}}.
+    persistent_params: the parameters ZeRO-3 keeps whole on every process (PERSISTENCE_THRESHOLD)."""
     p, g, o = (num_params * b for b in (precision.weights, precision.gradients, precision.optimizer))
+    z, fp32_g = num_params * DEEPSPEED_OPTIMIZER, num_params * FP32_GRADIENTS
+    whole = persistent_params * precision.weights
     n = processes
     return {
         "ddp": {"device": p + g + o, "cpu": 0},
-        "zero1": {"device": p + g + o / n, "cpu": 0},
-        "zero2": {"device": p + (g + o) / n, "cpu": 0},
-        "zero2_offload": {"device": p + g / n, "cpu": o / n},  # optimizer states and their step on the CPU
-        "zero3": {"device": (p + g + o) / n, "cpu": 0},
-        "zero3_offload": {"device": 0, "cpu": (p + g + o) / n},  # only the layer being computed is gathered
+        "zero1": {"device": p + g + z / n, "cpu": 0},
+        "zero2": {"device": p + (g + z) / n, "cpu": 0},
+        "zero2_offload": {"device": p, "cpu": (fp32_g + z) / n},  # optimizer states and their step on the CPU
+        "zero3": {"device": (p + g + z) / n + whole, "cpu": 0},
+        # only the persistent parameters and the layer being computed are on the device
+        "zero3_offload": {"device": whole, "cpu": (p + g + fp32_g + z) / n},
         "fsdp_shard_grad_op": {"device": p + (g + o) / n, "cpu": 0},
         "fsdp": {"device": (p + g + o) / n, "cpu": 0},
     }
+
+
+def persistent_parameters(model: Any, threshold: int | str, config: Any) -> int:
+    """How many trained parameters ZeRO-3 keeps whole: those of tensors with at most `threshold` elements."""
+    if threshold == "auto":  # what Accelerate writes there: 10 x the hidden size
+        threshold = 10 * _first(config, "hidden_size", "d_model", "n_embd")
+    return sum(p.numel() for p in model.parameters() if p.requires_grad and p.numel() <= int(threshold))
 
 
 def activation_bytes(config: Any, batch_size: int, source_len: int, target_len: int, family: str,
@@ -151,6 +209,7 @@ class PlanReport:
     trainable_parameters: int
     launch: LaunchShape
     memory_per_process: dict[str, dict[str, float]]
+    persistent_parameters: int  # what ZeRO-3 keeps whole on every process (launch.param_persistence_threshold)
     activation_bytes_per_process: float
     source_lengths: LengthStats
     target_lengths: LengthStats | None
@@ -247,6 +306,7 @@ def make_plan(recipe: Recipe, launch: LaunchShape, link: Interconnect | None = N
     tokens_per_step = mean_tokens * global_batch
     tokens_per_process_step = mean_tokens * settings.per_device_train_batch_size * settings.gradient_accumulation_steps
     precision = PRECISIONS[launch.mixed_precision]
+    persistent = persistent_parameters(model, launch.param_persistence_threshold, plan.config)
     source_stats = length_stats(source, recipe.data.max_source_length)
     target_stats = length_stats(target, recipe.data.max_target_length) if target else None
     activations = activation_bytes(plan.config, settings.per_device_train_batch_size, source_stats.max,
@@ -255,7 +315,8 @@ def make_plan(recipe: Recipe, launch: LaunchShape, link: Interconnect | None = N
     return PlanReport(
         task=recipe.task, model_type=plan.config.model_type, family=plan.encoding.family, parameters=total,
         trainable_parameters=trainable, launch=launch,
-        memory_per_process=model_state_memory(trainable, precision, n),
+        memory_per_process=model_state_memory(trainable, precision, n, persistent),
+        persistent_parameters=persistent,
         activation_bytes_per_process=activations, source_lengths=source_stats, target_lengths=target_stats,
         padding_fraction=padding_fraction(plan, features, collator, n),
         train_examples=len(features), steps_per_epoch=steps_per_epoch,
@@ -283,6 +344,9 @@ def print_plan(report: PlanReport) -> None:
         mark = " (this config)" if name == launch.strategy else ""
         memory.add_row(name + mark, _size(where["device"]), _size(where["cpu"]), _size(report.activation_bytes_per_process))
     console.print(memory)
+    if report.persistent_parameters:
+        console.print(f"  zero3 also keeps {report.persistent_parameters:,} parameters whole on every process (tensors "
+                      f"of at most {launch.param_persistence_threshold} elements, stage3_param_persistence_threshold)")
     lengths = Table(title=f"training tokens per example ({report.train_examples} examples)")
     for column in ("", "mean", "p50", "p90", "p99", "max", "at the limit (truncated)"):
         lengths.add_column(column, justify="right")

@@ -58,13 +58,15 @@ class TokenizerTraining(Section):
     """Train a tokenizer on the training split (scratch models only)."""
 
     vocab_size: int = Field(2000, ge=64, le=MAX_BATCH, description="Vocabulary size, special tokens included.")
-    min_frequency: int = Field(2, ge=1, le=MAX_COUNT)
-    lowercase: bool = False
+    min_frequency: int = Field(2, ge=1, le=MAX_COUNT, description="Merge only pairs seen at least this often.")
+    lowercase: bool = Field(False, description="Lowercase all text before learning and encoding.")
     max_texts: int | None = Field(None, ge=1, le=MAX_COUNT, description="Train on at most this many rows.")
 
 
 class TokenizerSection(Section):
-    name_or_path: str | None = None
+    """Where the tokenizer comes from when it is not the model's own (a scratch model needs one)."""
+
+    name_or_path: str | None = Field(None, description="A Hub id or local directory to load the tokenizer from.")
     train: TokenizerTraining | None = None
 
     _home_expanded = field_validator("name_or_path")(_expand_home)
@@ -77,12 +79,18 @@ class TokenizerSection(Section):
 
 
 class ModelSection(Section):
-    name_or_path: str | None = Field(None, description="A Hub id or a local directory.")
-    config: dict[str, Any] | None = Field(None, description="A scratch model: model_type and fields.")
+    """The model: pretrained (name_or_path) or built from scratch (config); exactly one of the two."""
+
+    name_or_path: str | None = Field(None, description="A pretrained model: a Hub id or a saved model's directory.")
+    config: dict[str, Any] | None = Field(
+        None, description="A scratch model: model_type plus any fields of that transformers config (misspelt ones "
+                          "are rejected).")
     tokenizer: TokenizerSection | None = None
-    trust_remote_code: bool = False
-    revision: str | None = None
-    gradient_checkpointing: bool = False
+    trust_remote_code: bool = Field(False, description="Run model code shipped with the checkpoint (auto_map); only "
+                                                       "for sources you trust.")
+    revision: str | None = Field(None, description="A Hub branch, tag or commit of name_or_path.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less "
+                                                            "memory, about a third more compute.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] | None = Field(
         None, description="Weights' dtype passed to from_pretrained (auto: the checkpoint's); default float32.")
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention"] | None = Field(
@@ -104,11 +112,11 @@ class ModelSection(Section):
 class DataSource(Section):
     """A local json/jsonl/csv/parquet file, or a Hub dataset {path, name, split}."""
 
-    path: str
-    name: str | None = None
+    path: str = Field(description="A local .json/.jsonl/.csv/.parquet file, or a Hub dataset id.")
+    name: str | None = Field(None, description="A Hub dataset's configuration name.")
     split: str | None = Field(None, description="A Hub dataset's split (default: the key's name, e.g. validation); "
                                                 "a local file has none.")
-    revision: str | None = None
+    revision: str | None = Field(None, description="A Hub dataset's branch, tag or commit.")
 
     _home_expanded = field_validator("path")(_expand_home)
 
@@ -118,31 +126,45 @@ def _source(value: Any) -> Any:
 
 
 class DataSection(Section):
-    train: DataSource
-    validation: DataSource | None = None
-    test: DataSource | None = None
+    """The splits, their columns and token lengths. Column names default to the task's public schema."""
+
+    train: DataSource = Field(description="The training rows: a file path, or {path, name, split} for a Hub dataset.")
+    validation: DataSource | None = Field(None, description="Rows evaluated during and after training.")
+    test: DataSource | None = Field(None, description="Rows for `hftk eval --split test`.")
     # Column names; a task fills in the public schema's names where these are left out.
-    id_column: str | None = None
-    source_column: str | None = None
-    target_column: str | None = None
-    source_lang: str | None = None
-    target_lang: str | None = None
-    translation_column: str | None = None
-    question_column: str | None = None
-    context_column: str | None = None
-    answer_column: str | None = None
-    text_column: str | None = None
-    messages_column: str | None = None
-    source_prefix: str | None = None
-    max_source_length: int = Field(256, ge=1, le=MAX_TOKENS)
-    max_target_length: int = Field(64, ge=1, le=MAX_TOKENS)
-    doc_stride: int = Field(64, ge=1, le=MAX_TOKENS)
+    id_column: str | None = Field(None, description="Column whose value names each row in predictions.jsonl "
+                                                    "(default: id, else the row number).")
+    source_column: str | None = Field(None, description="Input text column (summarization: document; translation: "
+                                                        "with target_column, instead of a translation column).")
+    target_column: str | None = Field(None, description="Output text column (summarization: summary).")
+    source_lang: str | None = Field(None, description="Translation: the key of the source text in each "
+                                                      "translation row, e.g. en.")
+    target_lang: str | None = Field(None, description="Translation: the key of the target text, e.g. fr.")
+    translation_column: str | None = Field(None, description="Translation: the column of {lang: text} pairs "
+                                                             "(default: translation).")
+    question_column: str | None = Field(None, description="QA: the question column (default: question).")
+    context_column: str | None = Field(None, description="QA: the context column (default: context).")
+    answer_column: str | None = Field(None, description="QA: the SQuAD-style answers column (default: answers).")
+    text_column: str | None = Field(None, description="text_generation: the text column (default: text).")
+    messages_column: str | None = Field(None, description="dialogue: the column of [{role, content}] turns "
+                                                          "(default: messages).")
+    source_prefix: str | None = Field(None, description="Text put before every source, e.g. \"summarize: \" for "
+                                                        "pretrained T5.")
+    max_source_length: int = Field(256, ge=1, le=MAX_TOKENS, description="Tokens of input kept per example (QA: "
+                                                                         "per context window; longer is cut).")
+    max_target_length: int = Field(64, ge=1, le=MAX_TOKENS, description="Tokens of target kept per example "
+                                                                        "(longer is cut).")
+    doc_stride: int = Field(64, ge=1, le=MAX_TOKENS, description="Extractive QA: tokens shared by consecutive "
+                                                                 "windows of a long context.")
     version_2_with_negative: bool | None = Field(
         None, description="Extractive QA: SQuAD v2 rules (answer nothing when the no-answer score wins); "
-                          "default: true when some evaluated row has no answer")
-    max_train_samples: int | None = Field(None, ge=1, le=MAX_COUNT)
-    max_eval_samples: int | None = Field(None, ge=1, le=MAX_COUNT)
-    preprocessing_num_workers: int | None = Field(None, ge=1, le=MAX_WORKERS)
+                          "default: true when some evaluated row has no answer.")
+    max_train_samples: int | None = Field(None, ge=1, le=MAX_COUNT, description="Train on the first N good rows "
+                                                                                "only.")
+    max_eval_samples: int | None = Field(None, ge=1, le=MAX_COUNT, description="Evaluate on the first N good rows "
+                                                                               "only.")
+    preprocessing_num_workers: int | None = Field(None, ge=1, le=MAX_WORKERS, description="Processes that check "
+                                                                                          "and tokenize rows.")
     drop_bad_rows: bool = Field(False, description="Skip rows the task cannot use (null or missing text, wrong "
                                                    "shape) and log how many, instead of stopping with exit 2.")
 
@@ -150,28 +172,46 @@ class DataSection(Section):
 
 
 class TrainSection(Section):
-    output_dir: str
-    seed: int = Field(42, ge=0, le=MAX_SEED)
-    num_train_epochs: float = Field(3.0, gt=0, le=MAX_EPOCHS)
+    """Optimization, schedule, checkpoints and where the run goes."""
+
+    output_dir: str = Field(description="Where the model, checkpoints, metrics and logs go.")
+    seed: int = Field(42, ge=0, le=MAX_SEED, description="Seeds Python, NumPy and torch, hence data order, dropout "
+                                                         "and a scratch model's initial weights.")
+    num_train_epochs: float = Field(3.0, gt=0, le=MAX_EPOCHS, description="Passes over the training rows "
+                                                                          "(fractions allowed).")
     max_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Optimizer steps; overrides epochs.")
-    learning_rate: float = Field(5e-5, gt=0)
-    per_device_train_batch_size: int = Field(8, ge=1, le=MAX_BATCH)
-    gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_BATCH)
-    lr_scheduler_type: SchedulerName = "linear"
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS)
-    weight_decay: float = Field(0.0, ge=0)
-    adam_beta1: float = Field(0.9, ge=0, lt=1)
-    adam_beta2: float = Field(0.999, ge=0, lt=1)
-    adam_epsilon: float = Field(1e-8, gt=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    logging_steps: int = Field(10, ge=1, le=MAX_STEPS)
-    eval_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
-    save_steps: int | None = Field(None, ge=1, le=MAX_STEPS)
-    save_total_limit: int | None = Field(None, ge=1, le=MAX_COUNT)
-    resume_from_checkpoint: str | None = None
-    overwrite_output_dir: bool = False
-    dataloader_num_workers: int = Field(0, ge=0, le=MAX_WORKERS)
+    learning_rate: float = Field(5e-5, gt=0, description="AdamW's peak learning rate.")
+    per_device_train_batch_size: int = Field(8, ge=1, le=MAX_BATCH, description="Examples per process per "
+                                                                                "micro-batch.")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=MAX_BATCH, description="Micro-batches per optimizer step.")
+    lr_scheduler_type: SchedulerName = Field("linear", description="Learning-rate schedule after warm-up "
+                                                                   "(transformers' get_scheduler).")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of the optimizer steps that warm the learning "
+                                                             "rate up from 0 (when warmup_steps is 0).")
+    warmup_steps: int = Field(0, ge=0, le=MAX_STEPS, description="Optimizer steps of warm-up; overrides "
+                                                                 "warmup_ratio when above 0.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay; biases and norm weights are not "
+                                                       "decayed.")
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="AdamW's first-moment decay.")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="AdamW's second-moment decay.")
+    adam_epsilon: float = Field(1e-8, gt=0, description="AdamW's denominator term.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global gradient norm to this (null: no "
+                                                               "clipping).")
+    logging_steps: int = Field(10, ge=1, le=MAX_STEPS, description="A metrics.jsonl row every this many optimizer "
+                                                                   "steps.")
+    eval_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="Evaluate on data.validation every this "
+                                                                         "many optimizer steps (always at the end).")
+    save_steps: int | None = Field(None, ge=1, le=MAX_STEPS, description="A checkpoint every this many optimizer "
+                                                                         "steps (always one at the end).")
+    save_total_limit: int | None = Field(None, ge=1, le=MAX_COUNT, description="Keep only the newest N checkpoints "
+                                                                               "(and the best one, with "
+                                                                               "load_best_model_at_end).")
+    resume_from_checkpoint: str | None = Field(None, description="latest, or a checkpoint folder: continue that run "
+                                                                 "with the same settings.")
+    overwrite_output_dir: bool = Field(False, description="Start afresh where output_dir holds a run, removing only "
+                                                          "that run's files.")
+    dataloader_num_workers: int = Field(0, ge=0, le=MAX_WORKERS, description="Worker processes that collate "
+                                                                             "training batches (0: the main one).")
     group_by_length: bool = Field(
         True, description="Batch examples of similar length together (less padding); the order stays random.")
     bf16: bool = Field(
@@ -230,9 +270,12 @@ class TrainSection(Section):
 
 
 class EvalSection(Section):
-    per_device_eval_batch_size: int = Field(16, ge=1, le=MAX_BATCH)
-    num_beams: int = Field(1, ge=1, le=MAX_BATCH)
-    max_new_tokens: int = Field(64, ge=1, le=MAX_TOKENS)
+    """Evaluation: batch size and generation settings."""
+
+    per_device_eval_batch_size: int = Field(16, ge=1, le=MAX_BATCH, description="Examples per process per "
+                                                                               "evaluation batch.")
+    num_beams: int = Field(1, ge=1, le=MAX_BATCH, description="Beam search width when generating (1: greedy).")
+    max_new_tokens: int = Field(64, ge=1, le=MAX_TOKENS, description="Most tokens generated per example.")
     metric_source: Literal["local", "hub"] = Field(
         "local", description="local: the metric libraries installed here; hub: evaluate.load from the Hub."
     )
@@ -250,7 +293,8 @@ class ParallelSection(Section):
     powersgd_rank: int = Field(1, ge=1, le=MAX_BATCH, description="PowerSGD matrix approximation rank.")
     powersgd_start_iter: int = Field(1000, ge=2, le=MAX_STEPS,
                                      description="Plain all-reduce (with error feedback warm-up) before this step.")
-    powersgd_min_compression_rate: float = Field(2.0, ge=1.0)
+    powersgd_min_compression_rate: float = Field(2.0, ge=1.0, description="PowerSGD: tensors compressed less than "
+                                                                          "this are sent whole.")
 
 
 class LoraSection(Section):
@@ -260,13 +304,15 @@ class LoraSection(Section):
     alpha: float = Field(16.0, gt=0, description="Scale: the update is multiplied by alpha / r (alpha / sqrt(r) with rslora).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
     target_modules: list[str] | None = Field(
-        None, min_length=1, description="Module names to adapt; default: the model family's attention projections.")
+        None, min_length=1, description="Module names to adapt; default: peft's choice for the family, else the "
+                                        "Linear/Conv1D projections inside attention blocks.")
     modules_to_save: list[str] | None = Field(
         None, description="Modules trained in full and saved with the adapter; default: a task head the base lacks "
                           "(extractive QA's qa_outputs).")
-    use_dora: bool = False
-    use_rslora: bool = False
-    init_lora_weights: bool | Literal["gaussian", "pissa", "olora"] = True
+    use_dora: bool = Field(False, description="DoRA: learn each weight's magnitude apart from its direction.")
+    use_rslora: bool = Field(False, description="Scale the update by alpha / sqrt(r) instead of alpha / r.")
+    init_lora_weights: bool | Literal["gaussian", "pissa", "olora"] = Field(
+        True, description="peft's adapter initialisation (true: the update starts at zero).")
     merge: bool = Field(False, description="Also save the base with the adapter merged in, in output_dir/merged.")
     quantize: Literal["none", "4bit", "8bit"] = Field("none", description="QLoRA: load the base quantized "
                                                                           "through bitsandbytes (CUDA only).")
@@ -275,9 +321,9 @@ class LoraSection(Section):
 class HubSection(Section):
     """Push the finished run to the Hugging Face Hub (main process only)."""
 
-    push: bool = False
+    push: bool = Field(False, description="Upload output_dir with its model card once training ends.")
     repo_id: str | None = Field(None, description="USER/NAME on the Hub.")
-    private: bool = False
+    private: bool = Field(False, description="Create the repository as private.")
 
     @model_validator(mode="after")
     def _repo_to_push(self) -> HubSection:
@@ -289,7 +335,7 @@ class HubSection(Section):
 
 
 class Recipe(Section):
-    task: TaskName
+    task: TaskName = Field(description="What the model learns; picks the columns, preprocessing and metrics.")
     model: ModelSection
     data: DataSection
     train: TrainSection

@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hftk import adapters, checkpoint, hub, models, parallel, run_dir, trackers
-from hftk.errors import RunError, UserError
+from hftk import adapters, checkpoint, hub, models, parallel, run_dir
+from hftk.errors import RunError
 from hftk.evaluate import evaluate_split, write_jsonl
 from hftk.prepare import (
     Plan,
@@ -28,53 +28,28 @@ from hftk.report import write_training_curves
 from hftk.trackers import log_row, start_trackers
 from hftk.tracking import MetricsLog, attach_log_file, log
 from hftk.train.best import best_figures, record_evaluation
+from hftk.validation import check_surroundings
 
 
 def plan_finetune(recipe: Recipe, notes: list[str] | None = None) -> Plan:
     """Every check finetune makes before it loads a model. With `notes` (validate), what finetune would
     refuse to do with an existing output_dir is noted there instead of raised: the recipe itself is fine."""
-    settings = recipe.train
-    output_dir = Path(settings.output_dir)
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"train.output_dir: {output_dir} exists and is a file")
-    checkpoint.check_writable(output_dir)
-    run_dir.check_no_collisions(output_dir)
-    refusal = rerun_refusal(settings)
-    if refusal and notes is None:
-        raise UserError(refusal)
-    resume_from = None if refusal else checkpoint.resolve_resume(output_dir, settings.resume_from_checkpoint)
-    if notes is not None:
-        notes.append(f"finetune would stop (exit 2): {refusal}" if refusal else output_dir_note(settings, resume_from))
-    trackers.check_installed(list(settings.report_to))
-    plan = plan_inputs(recipe, ["train", "validation"])
-    plan.train_digest = checkpoint.train_data_digest(recipe.data.train, plan.splits["train"])
+    resume_from = check_surroundings(recipe, notes)
+    plan = check_inputs(recipe)
     if resume_from is not None:
         checkpoint.check_compatible(resume_from, recipe, plan.train_digest)
     plan.resume_from = resume_from
-    plan.adapter = adapters.plan_adapter(recipe.lora, plan.config, plan.encoding.auto_class)
-    hub.check_push(recipe.hub)
     return plan
 
 
-def rerun_refusal(settings: Any) -> str | None:
-    """Why finetune would stop at once on what output_dir already holds, or None."""
-    output_dir = Path(settings.output_dir)
-    if settings.resume_from_checkpoint == "latest" and run_dir.finished(output_dir):
-        return (f"train.output_dir: {output_dir} holds a finished run, so there is nothing to resume; set "
-                f"train.overwrite_output_dir=true to train it afresh, or choose another output_dir")
-    if run_dir.holds_run(output_dir) and not settings.overwrite_output_dir and not settings.resume_from_checkpoint:
-        return (f"train.output_dir: {output_dir} already holds a run; set train.resume_from_checkpoint=latest to continue it, train.overwrite_output_dir=true to "
-                f"start afresh, or choose another output_dir")
-    return None
-
-
-def output_dir_note(settings: Any, resume_from: Path | None) -> str:
-    output_dir = Path(settings.output_dir)
-    if resume_from is not None:
-        return f"train.output_dir: finetune would resume from {resume_from}"
-    if settings.overwrite_output_dir and run_dir.holds_run(output_dir):
-        return f"train.output_dir: finetune would remove the earlier run's files in {output_dir} and start afresh"
-    return f"train.output_dir: finetune would start a new run in {output_dir}"
+def check_inputs(recipe: Recipe) -> Plan:
+    """The checks that read the data and the model config: every row, the columns, the model built on the
+    meta device, the adapter's target modules. Their answer depends only on the recipe, the files it names
+    and the installed libraries (hftk validate remembers it)."""
+    plan = plan_inputs(recipe, ["train", "validation"])
+    plan.train_digest = checkpoint.train_data_digest(recipe.data.train, plan.splits["train"])
+    plan.adapter = adapters.plan_adapter(recipe.lora, plan.config, plan.encoding.auto_class)
+    return plan
 
 
 def finetune(recipe: Recipe) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
 from hftk.errors import UserError
 
@@ -85,6 +86,47 @@ def check_no_collisions(output_dir: Path) -> None:
         shown = ", ".join(clashes[:5]) + (f" and {len(clashes) - 5} more" if len(clashes) > 5 else "")
         raise UserError(f"train.output_dir: {output_dir} holds {shown}, which hftk did not write and would "
                         f"overwrite; move {'them' if len(clashes) > 1 else 'it'} or choose another output_dir")
+
+
+def check_output_dir(settings: Any, notes: list[str] | None = None) -> Path | None:
+    """What finetune would make of what train.output_dir holds: the checkpoint it resumes from, or None.
+    With `notes` (validate), a refusal to touch an earlier run is noted there instead of raised: the
+    recipe itself is fine."""
+    from hftk import checkpoint
+
+    output_dir = Path(settings.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"train.output_dir: {output_dir} exists and is a file")
+    checkpoint.check_writable(output_dir)
+    check_no_collisions(output_dir)
+    refusal = rerun_refusal(settings)
+    if refusal and notes is None:
+        raise UserError(refusal)
+    resume_from = None if refusal else checkpoint.resolve_resume(output_dir, settings.resume_from_checkpoint)
+    if notes is not None:
+        notes.append(f"finetune would stop (exit 2): {refusal}" if refusal else output_dir_note(settings, resume_from))
+    return resume_from
+
+
+def rerun_refusal(settings: Any) -> str | None:
+    """Why finetune would stop at once on what output_dir already holds, or None."""
+    output_dir = Path(settings.output_dir)
+    if settings.resume_from_checkpoint == "latest" and finished(output_dir):
+        return (f"train.output_dir: {output_dir} holds a finished run, so there is nothing to resume; set "
+                f"train.overwrite_output_dir=true to train it afresh, or choose another output_dir")
+    if holds_run(output_dir) and not settings.overwrite_output_dir and not settings.resume_from_checkpoint:
+        return (f"train.output_dir: {output_dir} already holds a run; set train.resume_from_checkpoint=latest to "
+                f"continue it, train.overwrite_output_dir=true to start afresh, or choose another output_dir")
+    return None
+
+
+def output_dir_note(settings: Any, resume_from: Path | None) -> str:
+    output_dir = Path(settings.output_dir)
+    if resume_from is not None:
+        return f"train.output_dir: finetune would resume from {resume_from}"
+    if settings.overwrite_output_dir and holds_run(output_dir):
+        return f"train.output_dir: finetune would remove the earlier run's files in {output_dir} and start afresh"
+    return f"train.output_dir: finetune would start a new run in {output_dir}"
 
 
 def clear_previous(output_dir: Path) -> None:

@@ -7,19 +7,15 @@ import json
 import os
 import shutil
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
+from hftk.cache import cache_root
 from hftk.errors import UserError
 from hftk.recipe import ModelSection, TokenizerTraining
 from hftk.tasks.base import DECODER_ONLY, ENCODER_DECODER
 
 # Ids 0..3 are fixed so a scratch encoder-decoder can start decoding from <pad> (T5's convention).
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>", "<s>"]
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("HFTK_CACHE", Path.home() / ".cache" / "hftk"))
 
 
 def load_tokenizer(model: ModelSection) -> Any:

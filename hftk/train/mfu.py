@@ -82,7 +82,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def _probed(device: torch.device, dtype: torch.dtype) -> float:
-    from hftk.tokenizer import cache_root
+    from hftk.cache import cache_root
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{torch.get_num_threads()}threads"
     key = f"{name}-{str(dtype).removeprefix('torch.')}-torch{torch.__version__}"

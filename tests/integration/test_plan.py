@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
+import yaml
 
 from hftk.planning import PRECISIONS, model_state_memory, read_launch_config
-from tests.conftest import ROOT, run_hftk, tiny_recipe, write_recipe
+from tests.conftest import ROOT, accelerate_launch, run_hftk, tiny_recipe, write_recipe
 
 
 def test_plan_matches_a_real_run(tmp_path):
@@ -43,13 +47,59 @@ def test_plan_tables_name_the_config_strategy(tmp_path):
 
 def test_model_state_memory_follows_the_zero_paper():
     fp32 = model_state_memory(1000, PRECISIONS["no"], 4)
-    assert fp32["ddp"]["device"] == 16_000
-    assert fp32["zero1"]["device"] == 4000 + 4000 + 8000 / 4
-    assert fp32["zero2"]["device"] == 4000 + 12_000 / 4
-    assert fp32["zero3"]["device"] == fp32["fsdp"]["device"] == 16_000 / 4
+    assert fp32["ddp"]["device"] == 16_000 and fp32["fsdp"]["device"] == 16_000 / 4
+    # DeepSpeed steps an fp32 master copy even of fp32 weights: the paper's 12 optimizer bytes, not 8
+    assert fp32["zero1"]["device"] == 4000 + 4000 + 12_000 / 4
+    assert fp32["zero2"]["device"] == 4000 + 16_000 / 4
+    assert fp32["zero3"]["device"] == 20_000 / 4
+    assert fp32["zero3_offload"] == {"device": 0, "cpu": 24_000 / 4}  # + the fp32 gradient copy the CPU steps on
     mixed = model_state_memory(1000, PRECISIONS["bf16"], 8)
     assert mixed["ddp"]["device"] == 16_000 and mixed["zero1"]["device"] == 2000 + 2000 + 12_000 / 8
-    assert mixed["zero3_offload"] == {"device": 0, "cpu": 16_000 / 8}
+    assert mixed["zero3"]["device"] == mixed["fsdp"]["device"] == 16_000 / 8
+    assert mixed["zero3_offload"] == {"device": 0, "cpu": 20_000 / 8}
+    kept = model_state_memory(1000, PRECISIONS["bf16"], 8, persistent_params=100)  # ZeRO-3 keeps these whole
+    assert kept["zero3"]["device"] == 16_000 / 8 + 200 and kept["zero3_offload"]["device"] == 200
+
+
+def zero3_config(tmp_path: Path, threshold: int) -> Path:
+    """zero3.yaml, but with its DeepSpeed settings in a JSON file that sets the persistence threshold."""
+    (tmp_path / "ds.json").write_text(json.dumps({
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": threshold,
+                              "stage3_gather_16bit_weights_on_model_save": True},
+        "gradient_accumulation_steps": 1, "gradient_clipping": "auto", "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto"}))
+    config = yaml.safe_load((ROOT / "accelerate_configs" / "zero3.yaml").read_text())
+    config["deepspeed_config"] = {"deepspeed_config_file": str(tmp_path / "ds.json"), "zero3_init_flag": False,
+                                  "deepspeed_multinode_launcher": "standard"}
+    del config["mixed_precision"]  # the JSON says it (fp32 when it does not)
+    (tmp_path / "zero3.yaml").write_text(yaml.safe_dump(config))
+    return tmp_path / "zero3.yaml"
+
+
+@pytest.mark.parametrize("threshold", [None, 1000])
+def test_plan_matches_the_model_states_of_a_real_zero3_run(tmp_path, threshold):
+    """2 processes of ZeRO-3 over Gloo, built as `hftk finetune` builds them; benchmarks/model_states.py adds up
+    the partitions each holds (weights, fp32 master, gradients, Adam) and the parameters kept whole, just
+    before the second optimizer step. With DeepSpeed's default threshold this tiny model is kept whole; at
+    1000 elements its matrices are partitioned and its norms and position bias kept."""
+    config = ROOT / "accelerate_configs" / "zero3.yaml" if threshold is None else zero3_config(tmp_path, threshold)
+    recipe = write_recipe(tmp_path, tiny_recipe(tmp_path))
+    planned = run_hftk("plan", str(recipe), "--config-file", str(config), "--num-processes", "2", "--json")
+    assert planned.returncode == 0, planned.stderr
+    report = json.loads(planned.stdout)
+    assert report["launch"]["strategy"] == "zero3"
+    expected = report["memory_per_process"]["zero3"]["device"]
+    output = tmp_path / "model_states.json"
+    command = [*accelerate_launch()[:-1], "--config_file", str(config), str(ROOT / "benchmarks" / "model_states.py"),
+               str(recipe), "--output", str(output)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "false"}  # DeepSpeed over Gloo
+    run = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False, env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    rows = json.loads(output.read_text())
+    assert [row["process"] for row in rows] == [0, 1]
+    for row in rows:
+        assert row["trainable_parameters"] == report["trainable_parameters"]
+        assert row["model_states"] == pytest.approx(expected, rel=0.15), (row, expected)
 
 
 @pytest.mark.parametrize("config, strategy", [("ddp.yaml", "ddp"), ("zero1.yaml", "zero1"), ("zero3.yaml", "zero3"),

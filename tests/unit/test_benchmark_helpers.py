@@ -12,9 +12,9 @@ from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import gpu  # noqa: E402
-import qa_example  # noqa: E402
-import vs_trainers  # noqa: E402
+import gpu
+import qa_example
+import vs_trainers
 
 
 def test_gpt2_small_flops_per_token_are_six_n_plus_attention():
