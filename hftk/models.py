@@ -243,7 +243,9 @@ def check_lengths(config: PretrainedConfig, family: str, max_source_length: int,
         return  # relative positions (T5): no hard limit
     needed = max_source_length + max_target_length if family == DECODER_ONLY else max(max_source_length, max_target_length)
     if needed > limit:
-        what = "data.max_source_length + data.max_target_length" if family == DECODER_ONLY else "data.max_source_length/max_target_length"
+        what = ("data.max_source_length" if not max_target_length else
+                "data.max_source_length + data.max_target_length" if family == DECODER_ONLY else
+                "data.max_source_length/max_target_length")
         raise UserError(f"{what} = {needed} exceeds the model's {limit} positions")
 
 

@@ -38,7 +38,8 @@ def plan_inputs(recipe: Recipe, split_keys: list[str], model_dir: str | None = N
         update={"name_or_path": model_dir, "config": None, "tokenizer": None})
     config = models.resolve_config(model_section)
     encoding = models.pick_encoding(task, config)
-    models.check_lengths(config, encoding.family, recipe.data.max_source_length, recipe.data.max_target_length)
+    target_length = recipe.data.max_target_length if getattr(task, "uses_target_length", True) else 0
+    models.check_lengths(config, encoding.family, recipe.data.max_source_length, target_length)
     models.check_kernel(model_section, config, encoding)
     return Plan(recipe, task, config, encoding, splits)
 
