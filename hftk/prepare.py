@@ -104,15 +104,17 @@ def make_loader(dataset: datasets.Dataset, collator: Any, batch_size: int, shuff
 
 
 def train_loader(plan: Plan, features: datasets.Dataset, collator: Any, data_processes: int) -> Any:
-    """Shuffled each epoch; with train.group_by_length, in batches of similar lengths formed over the
-    global batch (per-device batch x data-parallel processes)."""
+    """Shuffled each epoch; with train.group_by_length, in groups of similar lengths the size of one
+    optimizer step's examples (per-device batch x accumulation steps x data-parallel processes), so any
+    split of that step over processes and micro-batches trains on the same examples."""
     from hftk.train.batching import LengthGroupedSampler, example_lengths
 
     settings = plan.recipe.train
     sampler = None
     if settings.group_by_length:
         sampler = LengthGroupedSampler(example_lengths(features, plan.encoding.family),
-                                       settings.per_device_train_batch_size * data_processes, settings.seed)
+                                       settings.per_device_train_batch_size * settings.gradient_accumulation_steps
+                                       * data_processes, settings.seed)
     return make_loader(features, collator, settings.per_device_train_batch_size, True, settings.seed,
                        settings.dataloader_num_workers, sampler)
 

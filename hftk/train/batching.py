@@ -1,9 +1,9 @@
 """Length-grouped training order: batches of examples of similar length waste less compute on padding.
 
 Deterministic in (seed, epoch) and identical on every process, so Accelerate's batch sharding and
-skip_first_batches (resume) see the same order a single process would. Groups are formed over the
-global batch (per-device batch x data-parallel processes), so one process with batch 2B and two
-with B each train on the same batches.
+skip_first_batches (resume) see the same order a single process would. Groups are one optimizer
+step's examples (per-device batch x accumulation steps x data-parallel processes), so one process
+with batch 2B, two with B each, and one with B and 2 accumulation steps train on the same examples.
 """
 
 from __future__ import annotations
