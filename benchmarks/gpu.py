@@ -199,7 +199,8 @@ def run_model(model: str, args: argparse.Namespace, work: Path, gpus: int, peak:
            "steps": results["train_steps"], "wall_seconds": time.perf_counter() - started,
            "train_seconds": results["train_runtime"], "tokens_per_second": results["train_tokens_per_second"],
            "steady_tokens_per_second": steady, "padding_fraction": results["train_padding_fraction"],
-           "train_loss": results["train_loss"], **flops, "peak_tflops_per_gpu": peak}
+           "train_loss": results["train_loss"], **flops, "peak_tflops_per_gpu": peak,
+           "hftk_logged_mfu": results.get("train_mfu")}  # hftk's own count over the whole run, for comparison
     rate = steady or row["tokens_per_second"]
     row["tflops_per_gpu"] = rate * flops["flops_per_token"] / gpus / 1e12
     row["mfu"] = row["tflops_per_gpu"] / peak if peak else None

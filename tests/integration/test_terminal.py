@@ -68,5 +68,10 @@ def test_progress_bar_in_a_terminal_only(recipe, tmp_path):
     final = bar[-1]
     assert "4/4" in final and "epoch 0.50" in final and "loss 6." in final and "lr 0.00e+00" in final
     assert "Removed shared tensor" not in shown
+    # Evaluation has a bar of its own: a row under the training bar at eval_steps, and after
+    # training (the bar closed) one that counts batches.
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", shown).replace("\r", "\n")  # colours and cursor moves off
+    assert any(line.lstrip().startswith("eval") and "epoch -" in line for line in plain.splitlines()), plain
+    assert re.search(r"eval .*(\d+)/\1 batches", plain), plain
     quiet = _in_terminal("finetune", recipe, "train.overwrite_output_dir=true", "--quiet")
     assert "tok/s" not in quiet and "step=" not in quiet
