@@ -128,10 +128,12 @@ FP32_GRADIENTS = 4  # an offloaded optimizer steps on the CPU from an fp32 copy 
 
 
 def model_state_memory(num_params: int, precision: Precision, processes: int,
-                       persistent_params: int = 0) -> dict[str, dict[str, float]]:
+                       persistent_params: int = 0, frozen_params: int = 0) -> dict[str, dict[str, float]]:
     """Bytes per process for weights + gradients + optimizer states: {strategy: {"device": B, "cpu": B}}.
+    num_params: the trained parameters; frozen_params (a LoRA base) have weights only.
     persistent_params: the parameters ZeRO-3 keeps whole on every process (PERSISTENCE_THRESHOLD)."""
-    p, g, o = (num_params * b for b in (precision.weights, precision.gradients, precision.optimizer))
+    p = (num_params + frozen_params) * precision.weights
+    g, o = (num_params * b for b in (precision.gradients, precision.optimizer))
     z, fp32_g = num_params * DEEPSPEED_OPTIMIZER, num_params * FP32_GRADIENTS
     whole = persistent_params * precision.weights
     n = processes
@@ -292,6 +294,11 @@ def make_plan(recipe: Recipe, launch: LaunchShape, link: Interconnect | None = N
     tokenizer = build_tokenizer(plan, one)
     features = tokenized(plan, one, tokenizer, "train", training=True)
     model = meta_model(plan, tokenizer)
+    if recipe.lora is not None:  # the same adapter the run adds: only its weights train
+        from hftk import adapters
+
+        model = adapters.wrap(model, adapters.plan_adapter(recipe.lora, plan.config, plan.encoding.auto_class),
+                              gradient_checkpointing=False)
     total, trainable = count_parameters(model)
     collator = plan.task.collator(tokenizer, plan.encoding.family, decoder_inputs_for(model))
 
@@ -315,7 +322,7 @@ def make_plan(recipe: Recipe, launch: LaunchShape, link: Interconnect | None = N
     return PlanReport(
         task=recipe.task, model_type=plan.config.model_type, family=plan.encoding.family, parameters=total,
         trainable_parameters=trainable, launch=launch,
-        memory_per_process=model_state_memory(trainable, precision, n, persistent),
+        memory_per_process=model_state_memory(trainable, precision, n, persistent, frozen_params=total - trainable),
         persistent_parameters=persistent,
         activation_bytes_per_process=activations, source_lengths=source_stats, target_lengths=target_stats,
         padding_fraction=padding_fraction(plan, features, collator, n),

@@ -71,6 +71,17 @@ def test_lora_learns_what_the_base_does_not_know(bases, t5_lora):
     assert 0 < tuned["trainable_parameters"] < 0.15 * tuned["total_parameters"]
 
 
+def test_plan_counts_what_the_lora_run_trains(bases, t5_lora, tmp_path):
+    """`hftk plan` adds the same adapter on the meta device: its counts are the run's, and only the
+    adapter carries gradients and optimizer states in the memory table."""
+    planned = run_hftk("plan", str(lora_recipe(tmp_path, bases["t5"], lora={"merge": True})), "--json")
+    assert planned.returncode == 0, planned.stderr
+    report, ran = json.loads(planned.stdout), results(t5_lora)
+    assert report["trainable_parameters"] == ran["trainable_parameters"] < report["parameters"]
+    assert report["parameters"] == ran["total_parameters"]
+    assert report["memory_per_process"]["ddp"]["device"] == 4 * report["parameters"] + 12 * report["trainable_parameters"]
+
+
 def test_lora_trains_a_decoder(bases, tmp_path):
     finetune(lora_recipe(tmp_path, bases["gpt2"], **DECODER_LORA_TRAIN))
     adapter = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
