@@ -171,6 +171,9 @@ def plan(
     latency_us: float = typer.Option(5.0, "--latency-us", help="Latency of one ring hop, in microseconds."),
     tflops: float = typer.Option(100.0, "--tflops", help="Achieved TFLOP/s per device."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
+    probe: int = typer.Option(0, "--probe", min=0, max=1000, show_default=False,
+                              help="Time this many real optimizer steps here (one process) and estimate the "
+                                   "training time; loads real weights."),
 ) -> None:
     """Parameters, memory per process per strategy, token lengths and padding, steps and FLOPs, and the
     bytes sent and step time of each strategy and communication hook on 1 to 1024 devices, without
@@ -184,7 +187,7 @@ def plan(
         checked = load_recipe(recipe, overrides)  # a mistyped key shows before torch is imported
         from hftk.planning import make_plan, print_plan, read_launch_config
 
-        report = make_plan(checked, read_launch_config(config_file, num_processes), link)
+        report = make_plan(checked, read_launch_config(config_file, num_processes), link, probe)
         if as_json:
             typer.echo(json.dumps(report.to_dict(), indent=2))
         else:

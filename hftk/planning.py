@@ -223,6 +223,7 @@ class PlanReport:
     flops_per_step: float
     scale: ScalePlan
     notes: list[str] = field(default_factory=list)
+    probe: Any = None  # hftk.probe.Probe with --probe
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -284,7 +285,8 @@ def padding_fraction(plan: Any, features: Any, collator: Any, processes: int) ->
     return counts[0].item() / max(counts[1].item(), 1)
 
 
-def make_plan(recipe: Recipe, launch: LaunchShape, link: Interconnect | None = None) -> PlanReport:
+def make_plan(recipe: Recipe, launch: LaunchShape, link: Interconnect | None = None,
+              probe_steps: int = 0) -> PlanReport:
     from hftk.prepare import build_tokenizer, decoder_inputs_for, plan_inputs, tokenized
     from hftk.train.optim import total_optimizer_steps
 
@@ -319,7 +321,14 @@ def make_plan(recipe: Recipe, launch: LaunchShape, link: Interconnect | None = N
     activations = activation_bytes(plan.config, settings.per_device_train_batch_size, source_stats.max,
                                    target_stats.max if target_stats else 0, plan.encoding.family, precision,
                                    recipe.model.gradient_checkpointing)
+    total_steps = total_optimizer_steps(settings, batches_per_process)
+    probe = None
+    if probe_steps:
+        from hftk import probe as probing
+
+        probe = probing.probe_steps(plan, tokenizer, features, probe_steps, total_steps)
     return PlanReport(
+        probe=probe,
         task=recipe.task, model_type=plan.config.model_type, family=plan.encoding.family, parameters=total,
         trainable_parameters=trainable, launch=launch,
         memory_per_process=model_state_memory(trainable, precision, n, persistent, frozen_params=total - trainable),
@@ -327,7 +336,7 @@ def make_plan(recipe: Recipe, launch: LaunchShape, link: Interconnect | None = N
         activation_bytes_per_process=activations, source_lengths=source_stats, target_lengths=target_stats,
         padding_fraction=padding_fraction(plan, features, collator, n),
         train_examples=len(features), steps_per_epoch=steps_per_epoch,
-        total_steps=total_optimizer_steps(settings, batches_per_process), tokens_per_step=tokens_per_step,
+        total_steps=total_steps, tokens_per_step=tokens_per_step,
         flops_per_step=6 * total * tokens_per_step,
         scale=scale_plan(tensor_shapes(model), recipe.parallel, precision, settings.gradient_accumulation_steps,
                          tokens_per_process_step, link or Interconnect(),
@@ -366,6 +375,11 @@ def print_plan(report: PlanReport) -> None:
     console.print(f"steps: {report.steps_per_epoch} per epoch, {report.total_steps} in all; "
                   f"{report.tokens_per_step:,.0f} tokens and {report.flops_per_step:.3g} FLOPs (6 x params x tokens) "
                   f"per optimizer step")
+    if report.probe is not None:
+        probe = report.probe
+        console.print(f"probe: {_duration(probe.seconds_per_step)} per optimizer step on {probe.device} (one process, "
+                      f"mean of {probe.steps_measured} after a warm-up); the {report.total_steps} steps: about "
+                      f"{_duration(probe.estimated_training_seconds)} of training, evaluation not included")
     print_scale(console, report.scale, launch.strategy, report.launch.num_processes)
 
 

@@ -37,6 +37,19 @@ def test_plan_matches_a_real_run(tmp_path):
     assert report["source_lengths"]["max"] <= 256 and report["source_lengths"]["count"] == 64
 
 
+def test_probe_times_real_steps_and_writes_nothing(tmp_path):
+    path = str(write_recipe(tmp_path, tiny_recipe(tmp_path)))
+    planned = run_hftk("plan", path, "--probe", "2", "--json")
+    assert planned.returncode == 0, planned.stderr
+    report = json.loads(planned.stdout)
+    probe = report["probe"]
+    assert probe["steps_measured"] == 2 and probe["seconds_per_step"] > 0 and probe["device"] == "cpu"
+    assert probe["estimated_training_seconds"] == pytest.approx(probe["seconds_per_step"] * report["total_steps"])
+    assert not (tmp_path / "run").exists()
+    shown = run_hftk("plan", path, "--probe", "1")
+    assert shown.returncode == 0 and "per optimizer step on cpu" in shown.stdout
+
+
 def test_plan_tables_name_the_config_strategy(tmp_path):
     path = str(write_recipe(tmp_path, tiny_recipe(tmp_path)))
     result = run_hftk("plan", path, "--config-file", str(ROOT / "accelerate_configs" / "zero3.yaml"),
