@@ -153,7 +153,7 @@ def model_state_memory(num_params: int, precision: Precision, processes: int,
 def persistent_parameters(model: Any, threshold: int | str, config: Any) -> int:
     """How many trained parameters ZeRO-3 keeps whole: those of tensors with at most `threshold` elements."""
     if threshold == "auto":  # what Accelerate writes there: 10 x the hidden size
-        threshold = 10 * _first(config, "hidden_size", "d_model", "n_embd")
+        threshold = 10 * first_size(config, "hidden_size", "d_model", "n_embd")
     return sum(p.numel() for p in model.parameters() if p.requires_grad and p.numel() <= int(threshold))
 
 
@@ -161,10 +161,10 @@ def activation_bytes(config: Any, batch_size: int, source_len: int, target_len: 
                      precision: Precision, checkpointing: bool) -> float:
     """A rough estimate per process (Korthikanti et al., 2022: s*b*h*(34 + 5*a*s/h) bytes per layer in
     16-bit); with gradient checkpointing only each layer's input (2*s*b*h) is kept."""
-    hidden = _first(config, "hidden_size", "d_model", "n_embd")
-    heads = _first(config, "num_attention_heads", "num_heads", "n_head")
-    layers = _first(config, "num_hidden_layers", "num_layers", "n_layer")
-    decoder_layers = _first(config, "num_decoder_layers", "decoder_layers") or layers
+    hidden = first_size(config, "hidden_size", "d_model", "n_embd")
+    heads = first_size(config, "num_attention_heads", "num_heads", "n_head")
+    layers = first_size(config, "num_hidden_layers", "num_layers", "n_layer")
+    decoder_layers = first_size(config, "num_decoder_layers", "decoder_layers") or layers
     scale = precision.weights / 2
 
     def per_layer(length: int) -> float:
@@ -177,7 +177,8 @@ def activation_bytes(config: Any, batch_size: int, source_len: int, target_len: 
     return layers * per_layer(source_len if family == "encoder-only" else source_len + target_len)
 
 
-def _first(config: Any, *names: str) -> int:
+def first_size(config: Any, *names: str) -> int:
+    """The first of these config fields that is set (families name the same size differently), or 0."""
     return next((int(getattr(config, n)) for n in names if getattr(config, n, None)), 0)
 
 

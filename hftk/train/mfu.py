@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from hftk.planning import first_size
 from hftk.tasks.base import DECODER_ONLY, ENCODER_DECODER, IGNORE_INDEX
 
 # Dense bf16 / fp16 tensor-core peaks (fp32 peaks are far lower and come from the probe).
@@ -43,10 +44,6 @@ class FlopCounter:
         return flops
 
 
-def _first(config: Any, *names: str) -> int:
-    return next((int(getattr(config, n)) for n in names if getattr(config, n, None)), 0)
-
-
 def _count(module: Any, skip: set[int]) -> int:
     return sum(p.numel() for p in module.parameters() if id(p) not in skip)
 
@@ -54,16 +51,16 @@ def _count(module: Any, skip: set[int]) -> int:
 def flop_counter(model: Any, family: str) -> FlopCounter:
     """From the unwrapped model before sharding (the full weight count on every process)."""
     config = model.config
-    heads = _first(config, "num_attention_heads", "num_heads", "n_head")
-    head_size = _first(config, "d_kv", "head_dim") or _first(config, "hidden_size", "d_model", "n_embd") // max(heads, 1)
-    layers = _first(config, "num_hidden_layers", "num_layers", "n_layer")
+    heads = first_size(config, "num_attention_heads", "num_heads", "n_head")
+    head_size = first_size(config, "d_kv", "head_dim") or first_size(config, "hidden_size", "d_model", "n_embd") // max(heads, 1)
+    layers = first_size(config, "num_hidden_layers", "num_layers", "n_layer")
     lookups = {id(p) for module in (model.get_input_embeddings(),) for p in module.parameters()}
     output = model.get_output_embeddings() if family != "encoder-only" else None
     head = output.weight.numel() if output is not None else 0  # a tied head is a lookup and a product
     if family == ENCODER_DECODER:
         encoder, decoder = model.get_encoder(), model.get_decoder()
         return FlopCounter(family, _count(encoder, lookups), _count(decoder, lookups) + head, layers,
-                           _first(config, "num_decoder_layers", "decoder_layers") or layers, heads * head_size)
+                           first_size(config, "num_decoder_layers", "decoder_layers") or layers, heads * head_size)
     body = sum(p.numel() for p in model.parameters() if id(p) not in lookups)
     if output is not None and id(output.weight) not in lookups:
         body -= head  # an untied head was counted in the body already

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, free_port, losses, run_hftk
-from tests.integration.test_parallel import STEPS, recipe_file
+from tests.conftest import ROOT, free_port, losses
+from tests.integration.test_parallel import STEPS, recipe_file, reference  # noqa: F401 (the one-process run, as a fixture)
 
 BATCH = 4  # per process: 2 machines x 1 process x 4 == 1 process x 8
 
@@ -50,12 +50,6 @@ def launch_two_machines(tmp_path: Path, recipe: Path, *flags: str, timeout: int 
     return finished
 
 
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory) -> Path:
-    tmp_path = tmp_path_factory.mktemp("one")
-    result = run_hftk("finetune", str(recipe_file(tmp_path, "single", 2 * BATCH)))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return tmp_path / "single"
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +62,8 @@ def two_machines(tmp_path_factory) -> Path:
     return tmp_path / "multinode"
 
 
-def test_two_machines_equal_one_process(two_machines, one_process):
-    mine, theirs = losses(two_machines), losses(one_process)
+def test_two_machines_equal_one_process(two_machines, reference):  # noqa: F811
+    mine, theirs = losses(two_machines), losses(reference)
     assert sorted(mine) == sorted(theirs) == list(range(1, STEPS + 1))
     for step in theirs:
         assert mine[step] == pytest.approx(theirs[step], rel=1e-4)
