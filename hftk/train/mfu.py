@@ -4,7 +4,7 @@ what the device could do in that time.
 FLOPs are counted on non-pad tokens, per family (Kaplan et al. / PaLM accounting): 6 per weight per
 token (forward 2, backward 4) for the weights a token passes through, plus 12 * layers * attention
 width * context per token for the attention products. The peak comes from a table for known GPUs,
-else from a timed matrix product on this device (cached per device, dtype and thread count).
+else from a timed matrix product on this device (the best seen, kept per device, dtype and thread count).
 """
 
 from __future__ import annotations
@@ -88,8 +88,11 @@ def _probed(device: torch.device, dtype: torch.dtype) -> float:
         known = json.loads(path.read_text())
     except (OSError, ValueError):
         known = {}
-    if key not in known:
-        known[key] = _matmul_probe(device, dtype)
+    # Probe every run and keep the best ever seen: a probe taken while other work shared the device
+    # reads low, and a low peak kept for good would overstate every later run's MFU.
+    measured = _matmul_probe(device, dtype)
+    if measured > known.get(key, 0.0):
+        known[key] = measured
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             partial = path.with_name(f".{path.name}.{os.getpid()}")
