@@ -10,9 +10,7 @@ hook on 2 processes, and counts the payload of every all_reduce and all_gather (
 gather instead of reducing). "none" registers PyTorch's plain allreduce hook (what DDP does built
 in) so its traffic is counted the same way. With 2 processes a ring all-reduce and an all_gather
 both put exactly their payload on the wire once per process. One launch per hook: each gets a fresh
-process group and the machine to itself for the timing (and PowerSGD built after another DDP model in
-the same process once aborted past an epoch boundary with a Gloo size mismatch; hftk builds one DDP
-model per process). Rows are merged into benchmarks/comm_bytes.json by hook (`--output` elsewhere;
+process group and the machine to itself for the timing. Rows are merged into benchmarks/comm_bytes.json by hook (`--output` elsewhere;
 `--steps` fewer steps: tests/integration/test_plan_comm.py counts 2 steps of a tiny model with it).
 """
 

@@ -36,7 +36,7 @@ def register(model: Any, settings: ParallelSection) -> Any:
             start_powerSGD_iter=settings.powersgd_start_iter,
             min_compression_rate=settings.powersgd_min_compression_rate,
         )
-        model.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+        model.register_comm_hook(state, powersgd_hook_in_order)
         return state
     if settings.comm_hook in ("int8", "topk"):
         state = ErrorFeedback(model, settings.topk_ratio)
@@ -48,6 +48,23 @@ def register(model: Any, settings: ParallelSection) -> Any:
 
 
 # Real (not postponed) annotations: DDP checks the hook's signature against dist.GradBucket.
+def powersgd_hook_in_order(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """torch's PowerSGD hook, one bucket's collectives at a time.
+
+    The hook starts its second and third collectives from the callbacks of the first, on Gloo's worker
+    thread, while the backward pass starts the next bucket's from the main thread. Gloo numbers
+    collectives in the order each process starts them, so the two threads can number them differently
+    on different processes: the run hangs, or Gloo aborts with "received data size doesn't match"
+    (tests/integration/test_compression.py, with many small buckets). Waiting here for the bucket's whole
+    chain gives every process the same order; a hook with one collective per bucket needs no wait.
+    """
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+    future = powerSGD_hook.powerSGD_hook(state, bucket)
+    future.wait()
+    return future
+
+
 def bfloat16_all_reduce_hook(process_group: dist.ProcessGroup, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """All-reduce gradients as bfloat16. DDP refuses any hook *named* bf16_compress_hook off NCCL/XCCL,
     while Gloo reduces bfloat16 fine; this is the same cast-reduce-cast with no backend check."""

@@ -73,6 +73,15 @@ def process_group_kwargs(timeout_seconds: int) -> list[Any]:
     return [InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=timeout_seconds))]
 
 
+def ddp_kwargs(bucket_cap_mb: float | None) -> list[Any]:
+    """Accelerate hands these to DistributedDataParallel; other strategies ignore them."""
+    if bucket_cap_mb is None:
+        return []
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return [DistributedDataParallelKwargs(bucket_cap_mb=bucket_cap_mb)]
+
+
 def check_world(accelerator: Any) -> None:
     """The launcher's WORLD_SIZE must be the world we joined, and gradients must really be shared."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))

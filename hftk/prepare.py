@@ -59,7 +59,8 @@ def make_accelerator(settings: TrainSection, trackers: list[str] | None = None):
     # train.bf16 wins over the launcher's mixed_precision; unset, the launcher (or accelerate config) decides.
     accelerator = Accelerator(cpu=parallel.cpu_processes(), mixed_precision="bf16" if settings.bf16 else None,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-                              kwargs_handlers=parallel.process_group_kwargs(settings.ddp_timeout),
+                              kwargs_handlers=[*parallel.process_group_kwargs(settings.ddp_timeout),
+                                               *parallel.ddp_kwargs(settings.ddp_bucket_cap_mb)],
                               log_with=trackers or None, project_config=project)
     parallel.check_world(accelerator)
     set_seed(settings.seed)

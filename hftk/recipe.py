@@ -219,6 +219,9 @@ class TrainSection(Section):
         False, description="bf16 autocast (weights and optimizer stay fp32); wins over the launcher's mixed_precision.")
     ddp_timeout: int = Field(1800, ge=10, le=MAX_TIMEOUT_S,
                              description="Seconds a collective may wait for a silent process.")
+    ddp_bucket_cap_mb: float | None = Field(
+        None, gt=0, le=1024, description="DDP's gradient bucket size in MB (unset: torch's 25); smaller buckets "
+                                          "start sending sooner during the backward pass. DDP launches only.")
     load_best_model_at_end: bool = Field(
         False, description="Save the weights of the checkpoint with the best evaluation as the final model "
                            "(needs eval_steps, and save_steps a multiple of eval_steps).")
