@@ -23,6 +23,12 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _is_first_on_machine() -> bool:
+    """Prints the line a run ends with: each machine keeps its own log, and the machine a scheduler
+    stopped must say so (and where the checkpoint is) as well as machine 0."""
+    return os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")) == "0"
+
+
 def _offline_defaults() -> None:
     # evaluate ignores HF_HUB_OFFLINE and would try (and hang on) the network; keep them in step.
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}:
@@ -55,7 +61,7 @@ def _guarded(action: Callable[[], object], quiet: bool = False, verbose: bool = 
     try:
         action()
     except HftkError as err:
-        if _is_main_process():
+        if _is_first_on_machine():
             kind = "stopped" if err.exit_status == 75 else "error"
             print(f"hftk: {kind}: {err}", file=sys.stderr)
         raise typer.Exit(err.exit_status) from None
@@ -252,7 +258,7 @@ def main() -> None:
         if type(err).__name__ == "NoArgsIsHelpError":  # plain `hftk` prints the help, as before
             if err.format_message().strip():  # unless rich has printed it already
                 print(err.format_message(), file=sys.stderr)
-        elif _is_main_process():
+        elif _is_first_on_machine():
             print(f"hftk: error: {' '.join(err.format_message().split())}", file=sys.stderr)
         status = err.exit_code
     except typer.Abort:  # end of input at a prompt

@@ -7,12 +7,15 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+# On PYTHONPATH with HFTK_FAULT set, tests/faults/sitecustomize.py injects a fault (see there).
+FAULTS = str(ROOT / "tests" / "faults")
 
 # Tests run offline: every Hub lookup must fail at once instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -88,6 +91,25 @@ def loss_rows(folder: Path) -> list[tuple[int, float]]:
 
 def losses(folder: Path) -> dict[int, float]:
     return dict(loss_rows(folder))
+
+
+def weights(folder: Path) -> bytes:
+    return (folder / "model.safetensors").read_bytes()
+
+
+def wait_for_step(folder: Path, step: int, *processes: subprocess.Popen, timeout: float = 240) -> None:
+    """Until metrics.jsonl logs `step` or a later one; fails at once if a process ends first."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for process in processes:
+            if process.poll() is not None:
+                said = process.stderr.read()[-3000:] if process.stderr else ""
+                raise AssertionError(f"exit {process.returncode} before step {step}: {said}")
+        metrics = folder / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines()):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no step {step} within {timeout}s")
 
 
 def results(folder: Path) -> dict:

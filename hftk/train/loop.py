@@ -138,6 +138,7 @@ def train(parts: LoopParts, settings: TrainSection, last_good: Callable[[], str 
         # Resuming mid-epoch: the same shuffled order, minus what the interrupted run consumed.
         batches = skip_first_batches(parts.loader, state.batches_in_epoch) if state.batches_in_epoch else parts.loader
         for window in windows(batches, settings.gradient_accumulation_steps):
+            window_started = time.perf_counter()
             share = train_window(parts, window, settings.max_grad_norm)
             pending_loss += share
             if parts.counts_tokens:
@@ -172,6 +173,8 @@ def train(parts: LoopParts, settings: TrainSection, last_good: Callable[[], str 
                 state.pending_loss = accelerator.reduce(pending_loss.clone(), reduction="sum").item()
                 state.pending_tokens = int(accelerator.reduce(pending_tokens.clone(), reduction="sum").item())
                 folder = parts.save()
+                if accelerator.is_main_process:  # the step's device work is done: the save's reduce waited for it
+                    parts.stop.check_grace(time.perf_counter() - window_started, step)
             if stopping:
                 raise Preempted(f"received {parts.stop.received}; saved {folder} at optimizer step {step}; "
                                 f"rerun with train.resume_from_checkpoint=latest to continue")

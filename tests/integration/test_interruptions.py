@@ -17,9 +17,19 @@ import pytest
 
 from hftk.checkpoint import MANIFEST
 from hftk.run_dir import RUN_MANIFEST
-from tests.conftest import ROOT, accelerate_launch, digest, loss_rows, run_hftk, tiny_recipe, write_recipe
+from tests.conftest import (
+    FAULTS,
+    ROOT,
+    accelerate_launch,
+    digest,
+    loss_rows,
+    run_hftk,
+    tiny_recipe,
+    wait_for_step,
+    weights,
+    write_recipe,
+)
 
-FAULTS = str(ROOT / "tests" / "faults")
 # 64 rows / batch 4 = 16 micro-batches = 8 optimizer steps per epoch (accumulation 2); 20 steps
 # cross two epoch boundaries; a checkpoint every 4 steps, so checkpoint-8 sits on the first boundary.
 TRAIN = {"max_steps": 20, "logging_steps": 1, "save_steps": 4, "per_device_train_batch_size": 4,
@@ -37,10 +47,6 @@ def recipe_path(tmp_path: Path, name: str, family: str = "t5", **train) -> Path:
     recipe = tiny_recipe(tmp_path, train=settings)
     recipe["model"]["config"] = MODELS[family]
     return write_recipe(tmp_path, recipe, f"{name}.yaml")
-
-
-def weights(folder: Path) -> bytes:
-    return (folder / "model.safetensors").read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -89,17 +95,6 @@ def test_sigkill_then_resume_is_bit_identical_with_dropout(family, fault, unbrok
     assert not list((tmp_path / "run").glob(".checkpoint-*.partial"))
 
 
-def _wait_for_step(folder: Path, step: int, process: subprocess.Popen, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert process.poll() is None, process.stderr.read()[-3000:]
-        metrics = folder / "metrics.jsonl"
-        if metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines()):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"no step {step} within {timeout}s")
-
-
 def _start(command: list[str], env: dict) -> subprocess.Popen:
     return subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                             env={**os.environ, **env}, start_new_session=True)
@@ -107,7 +102,7 @@ def _start(command: list[str], env: dict) -> subprocess.Popen:
 
 def test_sigterm_saves_exits_75_and_resumes_identically(unbroken, tmp_path):
     process = _start([sys.executable, "-m", "hftk", "finetune", str(recipe_path(tmp_path, "run"))], {})
-    _wait_for_step(tmp_path / "run", 7, process)
+    wait_for_step(tmp_path / "run", 7, process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 75, stderr[-3000:]
@@ -126,7 +121,7 @@ def test_sigterm_under_two_process_launch(tmp_path):
     straight = run_hftk("finetune", str(recipe_path(tmp_path, "straight")), launcher=launcher, env=env)
     assert straight.returncode == 0, straight.stderr[-3000:]
     process = _start(launcher + ["hftk", "finetune", str(recipe_path(tmp_path, "run"))], env)
-    _wait_for_step(tmp_path / "run", 5, process)
+    wait_for_step(tmp_path / "run", 5, process)
     os.killpg(process.pid, signal.SIGTERM)  # as a scheduler does: the launcher and its workers
     _, stderr = process.communicate(timeout=120)
     assert "hftk: stopped: received SIGTERM" in stderr, stderr[-3000:]

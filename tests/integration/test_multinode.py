@@ -1,21 +1,26 @@
 """Several machines through Accelerate's multi-node launch, proved with two launches on this
 machine over loopback (one process each): the same losses as one process at the same global
-batch, a checkpoint that resumes on one machine with 2 processes, a launch line that forgets
---multi_gpu refused, and a machine that never arrives bounded by the rendezvous timeout."""
+batch, a checkpoint that resumes on one machine with 2 processes and, bit-identical, on 2 machines,
+a SIGTERM to one machine that stops both with a checkpoint, a launch line that forgets --multi_gpu
+refused, and a machine that never arrives bounded by the rendezvous timeout."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO, NamedTuple
 
 import pytest
 
-from tests.conftest import ROOT, free_port, losses
+from hftk.checkpoint import MANIFEST
+from tests.conftest import FAULTS, ROOT, free_port, loss_rows, losses, wait_for_step, weights
 from tests.integration.test_parallel import STEPS, recipe_file, reference  # noqa: F401 (the one-process run, as a fixture)
 
 BATCH = 4  # per process: 2 machines x 1 process x 4 == 1 process x 8
@@ -32,17 +37,30 @@ def machine_launch(rank: int, port: int, *flags: str) -> list[str]:
             "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--num_processes", "2"]
 
 
-def launch_two_machines(tmp_path: Path, recipe: Path, *flags: str, timeout: int = 600) -> list[subprocess.CompletedProcess]:
-    """Both machines' launches at once, as on two nodes, each with its own log."""
+class Launch(NamedTuple):
+    command: list[str]
+    log: IO[str]
+    process: subprocess.Popen
+
+
+def start_machines(tmp_path: Path, recipe: Path, *flags: str, env: dict | None = None) -> list[Launch]:
+    """Both machines' launches at once, as on two nodes, each with its own log and its own process
+    group (a scheduler signals one machine's launch and what it started)."""
     port = free_port()
-    running = []
+    launches = []
     for rank in (0, 1):
         command = [*machine_launch(rank, port, *flags), "-m", "hftk", "finetune", str(recipe)]
         log = (tmp_path / f"machine{rank}.log").open("w+")
-        running.append((command, log, subprocess.Popen(command, cwd=ROOT, env=environment(tmp_path),
-                                                       stdout=log, stderr=subprocess.STDOUT, text=True)))
+        process = subprocess.Popen(command, cwd=ROOT, env={**environment(tmp_path), **(env or {})}, stdout=log,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        launches.append(Launch(command, log, process))
+    return launches
+
+
+def finish_machines(launches: list[Launch], timeout: int = 600) -> list[subprocess.CompletedProcess]:
+    """Each launch's exit status, with its log as stderr."""
     finished = []
-    for command, log, process in running:
+    for command, log, process in launches:
         process.wait(timeout=timeout)
         log.seek(0)
         finished.append(subprocess.CompletedProcess(command, process.returncode, "", log.read()))
@@ -50,6 +68,8 @@ def launch_two_machines(tmp_path: Path, recipe: Path, *flags: str, timeout: int 
     return finished
 
 
+def launch_two_machines(tmp_path: Path, recipe: Path, *flags: str, timeout: int = 600) -> list[subprocess.CompletedProcess]:
+    return finish_machines(start_machines(tmp_path, recipe, *flags), timeout)
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +103,64 @@ def test_two_machine_checkpoint_resumes_on_one_machine(two_machines, tmp_path):
     assert run.returncode == 0, run.stderr[-4000:]
     unbroken = {s: v for s, v in losses(two_machines).items() if s > 3}
     assert losses(resumed) == pytest.approx(unbroken, rel=1e-6)
+
+
+def test_two_machine_checkpoint_resumes_on_two_machines(two_machines, tmp_path):
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(two_machines / "checkpoint-3", resumed / "checkpoint-3")
+    runs = launch_two_machines(tmp_path, recipe_file(tmp_path, "resumed", BATCH, resume_from_checkpoint="latest"),
+                               "--multi_gpu")
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-4000:]
+    assert f"resuming from {resumed / 'checkpoint-3'}" in runs[0].stderr
+    # Same machines, same processes: the rest of the run is the unbroken one, bit for bit.
+    assert loss_rows(resumed) == [(step, loss) for step, loss in loss_rows(two_machines) if step > 3]
+    assert weights(resumed) == weights(two_machines)
+
+
+# Half a second after every optimizer step, so a SIGTERM sent once step 4 is logged lands before step 6.
+PACED = {"HFTK_FAULT": "pace:500", "PYTHONPATH": f"{FAULTS}:{ROOT}"}
+STOPPED = re.compile(r"^hftk: stopped: received (.+); saved (\S+) at optimizer step (\d+);", re.MULTILINE)
+
+
+def stop_line(log: str) -> tuple[str, Path, int]:
+    """What the machine's first process said when it stopped: (why, checkpoint, optimizer step)."""
+    found = STOPPED.findall(log)
+    assert len(found) == 1, log[-4000:]
+    why, folder, step = found[0]
+    return why, Path(folder), int(step)
+
+
+def test_sigterm_on_one_machine_stops_both_with_a_checkpoint(two_machines, tmp_path):
+    launches = start_machines(tmp_path, recipe_file(tmp_path, "run", BATCH), "--multi_gpu", env=PACED)
+    wait_for_step(tmp_path / "run", 4, *(launch.process for launch in launches))
+    sent = time.monotonic()
+    os.killpg(launches[1].process.pid, signal.SIGTERM)  # as a scheduler stops machine 1: its launch and all under it
+    machine0, machine1 = finish_machines(launches, timeout=120)
+    took = time.monotonic() - sent
+    print(f"both machines ended {took:.1f} s after the SIGTERM", file=sys.stderr)
+    # Machine 1's launcher passes the SIGTERM on and, 30 s later, SIGKILLs what is still running.
+    assert took < 30, f"{took:.1f} s"
+    assert "forcefully exiting" not in machine1.stderr, machine1.stderr[-4000:]
+    # Each launcher exits 1: machine 0's reports its process's 75, machine 1's the signal it got.
+    assert machine0.returncode == 1 and re.search(r"exitcode\s*:\s*75\b", machine0.stderr), machine0.stderr[-4000:]
+    assert machine1.returncode == 1 and "got signal: 15" in machine1.stderr, machine1.stderr[-4000:]
+    assert stop_line(machine1.stderr)[0] == "SIGTERM"
+    why, folder, step = stop_line(machine0.stderr)
+    assert why == "a stop signal on another process"
+    assert stop_line(machine1.stderr)[1:] == (folder, step)
+    # A checkpoint of its own, not a periodic one (every 3 steps), at the step both stopped after.
+    assert 4 <= step < STEPS and step % 3 != 0
+    assert json.loads((folder / MANIFEST).read_text())["optimizer_step"] == step
+    assert loss_rows(tmp_path / "run")[-1][0] == step
+    runs = launch_two_machines(tmp_path, recipe_file(tmp_path, "run", BATCH, resume_from_checkpoint="latest"),
+                               "--multi_gpu")
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-4000:]
+    assert f"resuming from {folder}" in runs[0].stderr
+    assert loss_rows(tmp_path / "run") == loss_rows(two_machines)
+    assert weights(tmp_path / "run") == weights(two_machines)
 
 
 def test_two_machines_without_multi_gpu_are_refused(tmp_path):
