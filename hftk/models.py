@@ -322,6 +322,29 @@ def check_kernel(model: ModelSection, config: PretrainedConfig, encoding: Encodi
                             f"use sdpa")
 
 
+# Decoder-only families whose forward builds its causal mask from position_ids when no attention mask is
+# given (transformers' masking_utils), so packed examples never see each other; each is checked by
+# tests/unit/test_packing.py. Others (OPT derives positions from the attention mask, BLOOM's ALiBi
+# ignores position ids) would let them.
+PACKING_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma")
+# The kernels that take that mask. transformers' flash-attention path finds packed examples only in a
+# single flattened row, and hftk packs several rows per batch.
+PACKING_KERNELS = (None, "eager", "sdpa")
+
+
+def check_packing(model: ModelSection, config: PretrainedConfig, family: str) -> None:
+    """train.packing on a model that would let packed examples attend to each other is bad input."""
+    why = "packed examples are kept apart only by a decoder-only model's causal mask built from position ids"
+    if family != DECODER_ONLY:
+        raise UserError(f"train.packing: {why}; this {config.model_type} model is {family}; set train.packing=false")
+    if config.model_type not in PACKING_FAMILIES:
+        raise UserError(f"train.packing: {why}, which {config.model_type} models do not build (packing supports "
+                        f"{', '.join(PACKING_FAMILIES)}); set train.packing=false")
+    if model.attn_implementation not in PACKING_KERNELS:
+        raise UserError(f"train.packing: {why}; model.attn_implementation={model.attn_implementation} does not keep "
+                        f"packed rows of a batch apart; use sdpa or eager")
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__

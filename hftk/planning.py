@@ -217,6 +217,7 @@ class PlanReport:
     source_lengths: LengthStats
     target_lengths: LengthStats | None
     padding_fraction: float
+    packing: bool  # train.packing: padding_fraction counts the packed rows
     train_examples: int
     steps_per_epoch: int
     total_steps: int
@@ -288,8 +289,9 @@ def padding_fraction(plan: Any, features: Any, collator: Any, processes: int) ->
 
 def make_plan(recipe: Recipe, launch: LaunchShape, link: Interconnect | None = None,
               probe_steps: int = 0) -> PlanReport:
-    from hftk.prepare import build_tokenizer, decoder_inputs_for, plan_inputs, tokenized
+    from hftk.prepare import build_tokenizer, plan_inputs, tokenized, train_collator
     from hftk.train.optim import total_optimizer_steps
+    from hftk.train.packing import block_length
 
     settings = recipe.train
     plan = plan_inputs(recipe, ["train"])
@@ -303,9 +305,9 @@ def make_plan(recipe: Recipe, launch: LaunchShape, link: Interconnect | None = N
         model = adapters.wrap(model, adapters.plan_adapter(recipe.lora, plan.config, plan.encoding.auto_class),
                               gradient_checkpointing=False)
     total, trainable = count_parameters(model)
-    collator = plan.task.collator(tokenizer, plan.encoding.family, decoder_inputs_for(model))
+    collator = train_collator(plan, tokenizer, model)
 
-    source = [sum(mask) for mask in features["attention_mask"]]
+    source = [len(ids) for ids in features["input_ids"]]  # decoder-only features carry no attention mask
     target = ([sum(1 for t in labels if t != -100) for labels in features["labels"]]
               if plan.encoding.family == "encoder-decoder" else None)
     n = launch.num_processes
@@ -317,7 +319,10 @@ def make_plan(recipe: Recipe, launch: LaunchShape, link: Interconnect | None = N
     tokens_per_process_step = mean_tokens * settings.per_device_train_batch_size * settings.gradient_accumulation_steps
     precision = PRECISIONS[launch.mixed_precision]
     persistent = persistent_parameters(model, launch.param_persistence_threshold, plan.config)
-    source_stats = length_stats(source, recipe.data.max_source_length)
+    # A decoder-only example is prompt and target in one sequence: its limit is the two lengths together.
+    source_limit = (block_length(plan.task, recipe.data) if plan.encoding.family == "decoder-only"
+                    else recipe.data.max_source_length)
+    source_stats = length_stats(source, source_limit)
     target_stats = length_stats(target, recipe.data.max_target_length) if target else None
     activations = activation_bytes(plan.config, settings.per_device_train_batch_size, source_stats.max,
                                    target_stats.max if target_stats else 0, plan.encoding.family, precision,
@@ -335,7 +340,7 @@ def make_plan(recipe: Recipe, launch: LaunchShape, link: Interconnect | None = N
         memory_per_process=model_state_memory(trainable, precision, n, persistent, frozen_params=total - trainable),
         persistent_parameters=persistent,
         activation_bytes_per_process=activations, source_lengths=source_stats, target_lengths=target_stats,
-        padding_fraction=padding_fraction(plan, features, collator, n),
+        padding_fraction=padding_fraction(plan, features, collator, n), packing=settings.packing,
         train_examples=len(features), steps_per_epoch=steps_per_epoch,
         total_steps=total_steps, tokens_per_step=tokens_per_step,
         flops_per_step=6 * total * tokens_per_step,
@@ -372,7 +377,8 @@ def print_plan(report: PlanReport) -> None:
             lengths.add_row(name, f"{stats.mean:.1f}", str(stats.p50), str(stats.p90), str(stats.p99),
                             str(stats.max), f"{stats.at_limit:.1%}")
     console.print(lengths)
-    console.print(f"padding: {report.padding_fraction:.1%} of the positions in training batches")
+    console.print(f"padding: {report.padding_fraction:.1%} of the positions in training batches"
+                  + (" (packed rows)" if report.packing else ""))
     console.print(f"steps: {report.steps_per_epoch} per epoch, {report.total_steps} in all; "
                   f"{report.tokens_per_step:,.0f} tokens and {report.flops_per_step:.3g} FLOPs (6 x params x tokens) "
                   f"per optimizer step")

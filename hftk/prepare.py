@@ -41,6 +41,8 @@ def plan_inputs(recipe: Recipe, split_keys: list[str], model_dir: str | None = N
     target_length = recipe.data.max_target_length if getattr(task, "uses_target_length", True) else 0
     models.check_lengths(config, encoding.family, recipe.data.max_source_length, target_length)
     models.check_kernel(model_section, config, encoding)
+    if recipe.train.packing:
+        models.check_packing(model_section, config, encoding.family)
     return Plan(recipe, task, config, encoding, splits)
 
 
@@ -102,6 +104,15 @@ def make_loader(dataset: datasets.Dataset, collator: Any, batch_size: int, shuff
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       collate_fn=collator, num_workers=workers, generator=generator)
+
+
+def train_collator(plan: Plan, tokenizer: Any, model: Any) -> Any:
+    """The task's collator (one example per row, padded), or with train.packing the packing one."""
+    if plan.recipe.train.packing:
+        from hftk.train.packing import PackedCollator, block_length
+
+        return PackedCollator(tokenizer.pad_token_id, block_length(plan.task, plan.recipe.data))
+    return plan.task.collator(tokenizer, plan.encoding.family, decoder_inputs_for(model))
 
 
 def train_loader(plan: Plan, features: datasets.Dataset, collator: Any, data_processes: int) -> Any:

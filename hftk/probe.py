@@ -22,7 +22,7 @@ def probe_steps(plan: Any, tokenizer: Any, features: Any, steps: int, total_step
     import torch
 
     from hftk import adapters, models
-    from hftk.prepare import decoder_inputs_for, train_loader
+    from hftk.prepare import train_collator, train_loader
     from hftk.train.loop import windows
     from hftk.train.objective import token_counts, token_loss_sums
     from hftk.train.optim import build_optimizer
@@ -35,8 +35,7 @@ def probe_steps(plan: Any, tokenizer: Any, features: Any, steps: int, total_step
                               recipe.model.gradient_checkpointing)
     model.to(device).train()
     optimizer = build_optimizer(model, recipe.train)
-    collator = plan.task.collator(tokenizer, family, decoder_inputs_for(model))
-    loader = train_loader(plan, features, collator, 1)
+    loader = train_loader(plan, features, train_collator(plan, tokenizer, model), 1)
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if recipe.train.bf16
                 else contextlib.nullcontext())
     timings: list[float] = []

@@ -215,6 +215,9 @@ class TrainSection(Section):
     group_by_length: bool = Field(
         False, description="Batch examples of similar length together: less padding, but batches less mixed "
                            "(can cost quality on short runs).")
+    packing: bool = Field(
+        False, description="Decoder-only: lay each batch's examples back to back in rows of at most the task's "
+                           "maximum length, kept apart by position ids: less padding.")
     bf16: bool = Field(
         False, description="bf16 autocast (weights and optimizer stay fp32); wins over the launcher's mixed_precision.")
     ddp_timeout: int = Field(1800, ge=10, le=MAX_TIMEOUT_S,

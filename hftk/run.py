@@ -16,11 +16,11 @@ from hftk.evaluate import evaluate_split, write_jsonl
 from hftk.prepare import (
     Plan,
     build_tokenizer,
-    decoder_inputs_for,
     eval_loader,
     make_accelerator,
     plan_inputs,
     tokenized,
+    train_collator,
     train_loader,
 )
 from hftk.recipe import Recipe
@@ -118,8 +118,8 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, 
     log.info(f"trainable parameters: {sizes['trainable_parameters']:,} of {sizes['total_parameters']:,} "
              f"({sizes['trainable_parameters'] / max(sizes['total_parameters'], 1):.2%})")
     parallel.apply_recipe_to_deepspeed(accelerator, settings.max_grad_norm)
-    collator = plan.task.collator(tokenizer, plan.encoding.family, decoder_inputs_for(model))
-    loader = train_loader(plan, train_features, collator, strategy.data_processes(accelerator))
+    loader = train_loader(plan, train_features, train_collator(plan, tokenizer, model),
+                          strategy.data_processes(accelerator))
     model, optimizer, loader = strategy.prepare(accelerator, model, lambda m: build_optimizer(m, settings), loader)
     total_steps = total_optimizer_steps(settings, len(loader))
     # Not passed to prepare(): Accelerate would step it once per process per optimizer step.

@@ -20,7 +20,7 @@ from hftk.recipe import TrainSection
 from hftk.tasks.base import IGNORE_INDEX
 from hftk.tracking import MetricsLog, log
 from hftk.train.best import patience_ran_out, record_evaluation
-from hftk.train.objective import padding_counts, token_counts, token_loss_sums
+from hftk.train.objective import padding_counts, token_counts, token_loss_sums, token_mask
 from hftk.train.preemption import StopFlag
 from hftk.train.progress import NoProgress
 from hftk.train.state import TrainState
@@ -94,7 +94,7 @@ def train_window(parts: LoopParts, window: list[dict[str, torch.Tensor]], max_gr
 
 
 def batch_tokens(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    tokens = batch["attention_mask"].sum()
+    tokens = token_mask(batch).sum()
     if "decoder_input_ids" in batch:
         tokens = tokens + (batch["labels"] != IGNORE_INDEX).sum()
     return tokens

@@ -19,6 +19,7 @@ import torch
 
 from hftk.planning import first_size
 from hftk.tasks.base import DECODER_ONLY, ENCODER_DECODER, IGNORE_INDEX
+from hftk.train.objective import token_mask
 
 # Dense bf16 / fp16 tensor-core peaks (fp32 peaks are far lower and come from the probe).
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "V100": 125.0}
@@ -35,13 +36,23 @@ class FlopCounter:
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Training FLOPs of one micro-batch, on its device (no host wait)."""
-        source = batch["attention_mask"].sum(dim=1).double()
-        flops = 6 * self.encoder_weights * source.sum() + 12 * self.encoder_layers * self.width * (source ** 2).sum()
+        source = token_mask(batch).sum(dim=1).double()
+        flops = 6 * self.encoder_weights * source.sum() + 12 * self.encoder_layers * self.width * squared_lengths(batch)
         if self.family == ENCODER_DECODER:
             target = (batch["labels"] != IGNORE_INDEX).sum(dim=1).double()
             flops = flops + 6 * self.decoder_weights * target.sum() \
                 + 12 * self.decoder_layers * self.width * (target ** 2 + target * source).sum()  # self + cross
         return flops
+
+
+def squared_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum over examples of length squared: what attention costs. A packed row holds several examples,
+    each attending within itself; its positions restart per example, and the positions 0..L-1 of one
+    example add up to L^2 as sum(2p + 1)."""
+    mask = token_mask(batch)
+    if "position_ids" not in batch:
+        return (mask.sum(dim=1).double() ** 2).sum()
+    return ((2 * batch["position_ids"] + 1) * mask).sum().double()
 
 
 def _count(module: Any, skip: set[int]) -> int:

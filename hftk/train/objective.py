@@ -13,12 +13,24 @@ import torch
 import torch.nn.functional as F
 
 from hftk.tasks.base import DECODER_ONLY, ENCODER_ONLY, EXAMPLE_INDEX, IGNORE_INDEX
+from hftk.train.packing import TOKEN_MASK
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "token_type_ids")
+MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "token_type_ids", "position_ids")
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    inputs: dict[str, Any] = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
+    if "position_ids" in inputs:
+        # A packed batch: transformers looks for example boundaries in position_ids only without a
+        # cache, and a decoder builds one by default (use_cache), even in training.
+        inputs["use_cache"] = False
+    return inputs
+
+
+def token_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """1 on the positions that hold an example's token, 0 on padding: the attention mask, or a packed
+    batch's TOKEN_MASK (it has no attention mask)."""
+    return batch["attention_mask"] if "attention_mask" in batch else batch[TOKEN_MASK]
 
 
 def _target_labels(batch: dict[str, torch.Tensor], family: str) -> torch.Tensor:
@@ -35,7 +47,7 @@ def token_counts(batch: dict[str, torch.Tensor], family: str) -> torch.Tensor:
 
 
 def token_loss_sums(model: Any, batch: dict[str, torch.Tensor], family: str) -> torch.Tensor:
-    """Summed cross-entropy per example, shape [batch]."""
+    """Summed cross-entropy per row, shape [rows]: per example, unless the batch is packed."""
     if family == ENCODER_ONLY:
         return span_losses(model, batch)
     return logits_loss_sums(model(**model_inputs(batch)).logits, batch, family)
@@ -70,7 +82,7 @@ def without_index(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def padding_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """[padded positions, all positions] of a collated batch: the encoder (or decoder-only) inputs, and
     for an encoder-decoder model the labels too. `hftk plan` counts with this same function."""
-    mask = batch["attention_mask"]
+    mask = token_mask(batch)
     padded, total = (mask == 0).sum(), torch.tensor(mask.numel(), device=mask.device)
     if "decoder_input_ids" in batch:  # decoder labels are -100 only where padded
         padded = padded + (batch["labels"] == IGNORE_INDEX).sum()

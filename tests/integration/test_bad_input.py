@@ -132,6 +132,9 @@ NEEDS_REMOTE_CODE = lambda t: {"config.json": json.dumps({
     "model_type": "my-own-model", "auto_map": {"AutoConfig": "configuration_mine.MyConfig"}})}
 
 
+PACKING_WHY = "train.packing: packed examples are kept apart only by a decoder-only model's causal mask built from position ids"
+
+
 CASES = {
     "task on a family it cannot use": (_task("extractive_qa", QA_FILE), "task extractive_qa cannot use an encoder-decoder model (t5)"),
     "missing language key": (_task("translation", str(ROOT / "data/translate/validation.jsonl"), "data.source_lang=en",
@@ -241,6 +244,17 @@ CASES = {
     "empty pytorch_model.bin": (_model_dir(lambda t: {"pytorch_model.bin": b""}), "pytorch_model.bin is empty"),
     "model needs remote code": (_model_dir(NEEDS_REMOTE_CODE), "set model.trust_remote_code=true"),
     "model config not JSON": (_model_dir(lambda t: {"config.json": "{"}), "cannot read the config in"),
+    # train.packing where packed examples would attend to each other.
+    "packing an encoder-decoder": (_overrides("train.packing=true"), PACKING_WHY + "; this t5 model is encoder-decoder"),
+    "packing extractive QA": (lambda t: ({"model": {"config": {"model_type": "bert", "hidden_size": 32,
+                                                               "num_hidden_layers": 1, "num_attention_heads": 4}}},
+                                         ["task=extractive_qa", f"data.train={QA_FILE}", f"data.validation={QA_FILE}",
+                                          "train.packing=true"]),
+                              PACKING_WHY + "; this bert model is encoder-only"),
+    "packing a family whose mask ignores position ids": (
+        lambda t: ({"model": {"config": {"model_type": "opt", "hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 1,
+                                         "num_attention_heads": 4, "word_embed_proj_dim": 32}}}, ["train.packing=true"]),
+        PACKING_WHY + ", which opt models do not build"),
 }
 
 
