@@ -66,9 +66,10 @@ class ByteCounter:
             setattr(dist, name, original)
 
 
-def measure(recipe_path: str, hook: str, steps: int = STEPS) -> dict:
-    recipe = load_recipe(recipe_path, [f"train.output_dir=/tmp/hftk-comm-bytes-{hook}", f"parallel.comm_hook={hook}",
-                                       f"parallel.topk_ratio={TOPK_RATIO}",
+def measure(recipe_path: str, hook: str, steps: int = STEPS, topk_ratio: float = TOPK_RATIO,
+            overrides: tuple[str, ...] = ()) -> dict:
+    recipe = load_recipe(recipe_path, [*overrides, f"train.output_dir=/tmp/hftk-comm-bytes-{hook}", f"parallel.comm_hook={hook}",
+                                       f"parallel.topk_ratio={topk_ratio}",
                                        f"parallel.powersgd_start_iter={POWERSGD_START}"])
     plan = plan_inputs(recipe, ["train"])
     accelerator = make_accelerator(recipe.train)
@@ -115,6 +116,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("recipe", nargs="?", default="recipes/summarize.yaml")
     parser.add_argument("hooks", nargs="*", help=f"some of {' '.join(HOOKS)} (default: all)")
     parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--topk-ratio", type=float, default=TOPK_RATIO)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override (repeatable)")
     parser.add_argument("--output", default="benchmarks/comm_bytes.json")
     args = parser.parse_args()
     unknown = set(args.hooks) - set(HOOKS)
@@ -127,7 +130,7 @@ def main() -> None:
     args = parse_args()
     measured = {}
     for hook in args.hooks or HOOKS:
-        result = measure(args.recipe, hook, args.steps)
+        result = measure(args.recipe, hook, args.steps, args.topk_ratio, tuple(args.set))
         accelerator = result.pop("accelerator")
         measured[hook] = result
     if accelerator.is_main_process:
