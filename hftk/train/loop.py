@@ -184,6 +184,7 @@ def train(parts: LoopParts, settings: TrainSection, last_good: Callable[[], str 
                 break
             if step >= parts.total_steps:
                 break
+    parts.stop.settle()
     divergence.check(accelerator, last_good)
     runtime = time.perf_counter() - started
     padded, positions = accelerator.reduce(padding, reduction="sum").tolist()

@@ -1,4 +1,5 @@
-"""SIGTERM/SIGINT become a flag; all processes agree on it at the next optimizer-step boundary."""
+"""SIGTERM/SIGINT become a flag; all processes agree on it at an optimizer-step boundary, one step after
+the first process saw it."""
 
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ class StopFlag:
         self.received: str | None = None
         self._previous: dict[int, Any] = {}
         self._warned_of_grace = False
+        self._group: Any = None
+        self._in_flight: tuple[torch.Tensor, Any] | None = None
 
     def install(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
@@ -45,15 +48,35 @@ class StopFlag:
         self.received = signal.Signals(signum).name
 
     def agreed(self, accelerator: Any) -> bool:
-        """True on every process once any process got a signal (launchers deliver them at slightly
-        different moments). One scalar all-reduce per step, and only with several processes."""
+        """True on every process, at the same step, once any process got a signal (launchers deliver
+        them at slightly different moments).
+
+        With several processes each step starts a sum of the flags and reads the one started a step
+        before, long finished by then: all processes read the same sum at the same step, and the loop
+        never waits for it. The sum runs on the CPU (a Gloo group beside NCCL on GPUs), so reading it
+        does not wait for the device to finish the step either."""
         if accelerator.num_processes == 1:
             return self.received is not None
-        flag = torch.tensor(1.0 if self.received else 0.0, device=accelerator.device)
-        agreed = accelerator.reduce(flag, reduction="sum").item() > 0
+        import torch.distributed as dist
+
+        if self._group is None:
+            self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        flag = torch.tensor(1.0 if self.received else 0.0)
+        started, self._in_flight = self._in_flight, (flag, dist.all_reduce(flag, group=self._group, async_op=True))
+        if started is None:
+            return False
+        total, work = started
+        work.wait()
+        agreed = total.item() > 0
         if agreed and self.received is None:
             self.received = "a stop signal on another process"
         return agreed
+
+    def settle(self) -> None:
+        """Waits for the sum still in flight, so no collective is left running when the loop ends."""
+        if self._in_flight is not None:
+            self._in_flight[1].wait()
+            self._in_flight = None
 
     def check_grace(self, seconds: float, step: int) -> None:
         """A stop costs up to one step and one checkpoint; past the launcher's grace it SIGKILLs the

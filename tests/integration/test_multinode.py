@@ -134,7 +134,8 @@ def stop_line(log: str) -> tuple[str, Path, int]:
 
 def test_sigterm_on_one_machine_stops_both_with_a_checkpoint(two_machines, tmp_path):
     launches = start_machines(tmp_path, recipe_file(tmp_path, "run", BATCH), "--multi_gpu", env=PACED)
-    wait_for_step(tmp_path / "run", 4, *(launch.process for launch in launches))
+    # The processes agree on a stop one step after it arrives: at step 4 or 5 here.
+    wait_for_step(tmp_path / "run", 2, *(launch.process for launch in launches))
     sent = time.monotonic()
     os.killpg(launches[1].process.pid, signal.SIGTERM)  # as a scheduler stops machine 1: its launch and all under it
     machine0, machine1 = finish_machines(launches, timeout=120)

@@ -49,3 +49,34 @@ def test_a_raised_grace_is_respected(elastic_launch, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="hftk"):
         StopFlag().check_grace(41.0, 6)
     assert grace_warnings(caplog) == []
+
+
+def _agree_over_gloo(rank: int, port: int, results) -> None:
+    import os
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    stop, accelerator = StopFlag(), SimpleNamespace(num_processes=2, device="cpu")
+    seen = []
+    for step in range(1, 7):
+        if rank == 1 and step == 3:
+            stop.received = "SIGTERM"  # as the handler sets it, during step 3
+        seen.append(stop.agreed(accelerator))
+    stop.settle()
+    results[rank] = (seen, stop.received)
+    dist.destroy_process_group()
+
+
+def test_every_process_agrees_at_the_same_step_one_after_the_signal():
+    import torch.multiprocessing as mp
+
+    from tests.conftest import free_port
+
+    results = mp.Manager().dict()
+    mp.spawn(_agree_over_gloo, args=(free_port(), results), nprocs=2)
+    expected = [False, False, False, True, True, True]  # raised at step 3, agreed at step 4
+    assert results[0] == (expected, "a stop signal on another process")
+    assert results[1] == (expected, "SIGTERM")
