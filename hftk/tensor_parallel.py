@@ -161,7 +161,8 @@ def layout(model: Any) -> Any:
             dim = _split_dim(style, param_name, param.dim())
             if dim is not None:
                 split_dims[f"{name}.{param_name}" if name else param_name] = dim
-    unmodelled |= {style for key, style in plan.items() if style not in TP_STYLES and key in dict(model.named_parameters())}
+    names = {name for name, _ in model.named_parameters()}  # plan entries on bare parameters (MoE experts)
+    unmodelled |= {style for key, style in plan.items() if style not in TP_STYLES and key in names}
     if not layers:
         return None
     config = model.config
