@@ -20,7 +20,7 @@ from typing import Any
 
 from hftk.errors import UserError
 from hftk.recipe import Recipe
-from hftk.scaling import DEVICE_COUNTS, Interconnect, ScalePlan, scale_plan, tensor_shapes
+from hftk.scaling import DEVICE_COUNTS, Interconnect, ScalePlan, TensorParallelRun, scale_plan, tensor_shapes
 
 
 def _size(num_bytes: float) -> str:
@@ -54,6 +54,12 @@ class LaunchShape:
     strategy: str = "ddp"  # the row of the memory table this accelerate config runs
     # ZeRO-3's threshold: a number of elements, or "auto" (Accelerate makes it 10 x the hidden size)
     param_persistence_threshold: int | str = PERSISTENCE_THRESHOLD
+    tp_size: int = 1  # parallelism_config_tp_size (tp.yaml, fsdp_tp.yaml)
+
+    @property
+    def data_processes(self) -> int:
+        """The processes that read different batches: a TP group reads one batch."""
+        return max(self.num_processes // self.tp_size, 1)
 
 
 def read_launch_config(path: Path | None, num_processes: int | None) -> LaunchShape:
@@ -71,11 +77,28 @@ def read_launch_config(path: Path | None, num_processes: int | None) -> LaunchSh
         deepspeed = _deepspeed_settings(config, Path(path).parent)
         shape.strategy = _strategy_of(config, deepspeed)
         shape.param_persistence_threshold = _persistence_threshold(deepspeed)
+        shape.tp_size = _tp_size(config)
     if num_processes is not None:
         shape.num_processes = num_processes
+    if shape.tp_size > 1:
+        if shape.num_processes % shape.tp_size:
+            raise UserError(f"--config-file: tp_size={shape.tp_size} needs a multiple of {shape.tp_size} processes, "
+                            f"not {shape.num_processes}")
+        shape.strategy = "fsdp_tp" if shape.num_processes > shape.tp_size else "tp"
     if shape.mixed_precision not in PRECISIONS:
         raise UserError(f"--config-file: mixed_precision '{shape.mixed_precision}' is not no, bf16 or fp16")
     return shape
+
+
+def _tp_size(config: dict[str, Any]) -> int:
+    value = (config.get("parallelism_config") or {}).get("parallelism_config_tp_size", 1)
+    try:
+        size = int(value)
+    except (TypeError, ValueError):
+        raise UserError(f"--config-file: parallelism_config_tp_size must be a whole number, not {value!r}") from None
+    if size < 1:
+        raise UserError(f"--config-file: parallelism_config_tp_size must be at least 1, not {size}")
+    return size
 
 
 def _strategy_of(config: dict[str, Any], deepspeed: dict[str, Any]) -> str:
@@ -217,6 +240,7 @@ class PlanReport:
     source_lengths: LengthStats
     target_lengths: LengthStats | None
     padding_fraction: float
+    micro_batch_positions: float  # padded input positions (batch x longest length) of a mean micro-batch
     packing: bool  # train.packing: padding_fraction counts the packed rows
     train_examples: int
     steps_per_epoch: int
@@ -266,10 +290,27 @@ def count_parameters(model: Any) -> tuple[int, int]:
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
-def padding_fraction(plan: Any, features: Any, collator: Any, processes: int) -> float:
-    """The share of padded positions over the first epoch of the run's own loaders: the run's sampler
-    (length-grouped or Accelerate's seeded one) and split over processes, the task's collator, and the
-    run's padding_counts."""
+@dataclass
+class LoaderCounts:
+    padded: int  # padded positions (padding_counts)
+    positions: int  # all positions (padding_counts)
+    input_positions: int  # batch x longest length of the input_ids, summed
+    batches: int  # micro-batches, all processes together
+
+    @property
+    def padding_fraction(self) -> float:
+        return self.padded / max(self.positions, 1)
+
+    @property
+    def micro_batch_positions(self) -> float:
+        """The padded input shape (batch x longest length) of a mean micro-batch."""
+        return self.input_positions / max(self.batches, 1)
+
+
+def loader_counts(plan: Any, features: Any, collator: Any, processes: int) -> LoaderCounts:
+    """Positions over the first epoch of the run's own loaders: the run's sampler (length-grouped or
+    Accelerate's seeded one) and split over the processes that read different batches, the task's
+    collator, and the run's padding_counts."""
     import torch
     from accelerate.data_loader import prepare_data_loader
 
@@ -277,6 +318,7 @@ def padding_fraction(plan: Any, features: Any, collator: Any, processes: int) ->
     from hftk.train.objective import padding_counts
 
     counts = torch.zeros(2, dtype=torch.long)
+    inputs = batches = 0
     for rank in range(processes):
         torch.manual_seed(plan.recipe.train.seed)  # the sampler's seed, as set_seed(train.seed) leaves it in the run
         loader = prepare_data_loader(train_loader(plan, features, collator, processes), num_processes=processes,
@@ -284,7 +326,8 @@ def padding_fraction(plan: Any, features: Any, collator: Any, processes: int) ->
         loader.set_epoch(0)
         for batch in loader:
             counts += padding_counts(batch)
-    return counts[0].item() / max(counts[1].item(), 1)
+            inputs, batches = inputs + batch["input_ids"].numel(), batches + 1
+    return LoaderCounts(counts[0].item(), counts[1].item(), inputs, batches)
 
 
 def make_plan(recipe: Recipe, launch: LaunchShape, link: Interconnect | None = None,
@@ -310,7 +353,7 @@ def make_plan(recipe: Recipe, launch: LaunchShape, link: Interconnect | None = N
     source = [len(ids) for ids in features["input_ids"]]  # decoder-only features carry no attention mask
     target = ([sum(1 for t in labels if t != -100) for labels in features["labels"]]
               if plan.encoding.family == "encoder-decoder" else None)
-    n = launch.num_processes
+    n = launch.data_processes  # a TP group reads one batch
     batches_per_process = math.ceil(len(features) / (settings.per_device_train_batch_size * n))
     steps_per_epoch = math.ceil(batches_per_process / settings.gradient_accumulation_steps)
     global_batch = settings.per_device_train_batch_size * n * settings.gradient_accumulation_steps
@@ -328,6 +371,7 @@ def make_plan(recipe: Recipe, launch: LaunchShape, link: Interconnect | None = N
                                    target_stats.max if target_stats else 0, plan.encoding.family, precision,
                                    recipe.model.gradient_checkpointing)
     total_steps = total_optimizer_steps(settings, batches_per_process)
+    counts = loader_counts(plan, features, collator, n)
     probe = None
     if probe_steps:
         from hftk import probe as probing
@@ -337,17 +381,33 @@ def make_plan(recipe: Recipe, launch: LaunchShape, link: Interconnect | None = N
         probe=probe,
         task=recipe.task, model_type=plan.config.model_type, family=plan.encoding.family, parameters=total,
         trainable_parameters=trainable, launch=launch,
-        memory_per_process=model_state_memory(trainable, precision, n, persistent, frozen_params=total - trainable),
+        memory_per_process=model_state_memory(trainable, precision, launch.num_processes, persistent,
+                                              frozen_params=total - trainable),
         persistent_parameters=persistent,
         activation_bytes_per_process=activations, source_lengths=source_stats, target_lengths=target_stats,
-        padding_fraction=padding_fraction(plan, features, collator, n), packing=settings.packing,
+        padding_fraction=counts.padding_fraction, micro_batch_positions=counts.micro_batch_positions,
+        packing=settings.packing,
         train_examples=len(features), steps_per_epoch=steps_per_epoch,
         total_steps=total_steps, tokens_per_step=tokens_per_step,
         flops_per_step=6 * total * tokens_per_step,
         scale=scale_plan(tensor_shapes(model), recipe.parallel, precision, settings.gradient_accumulation_steps,
                          tokens_per_process_step, link or Interconnect(),
-                         tuple(sorted({*DEVICE_COUNTS, launch.num_processes}))),
+                         tuple(sorted({*DEVICE_COUNTS, launch.num_processes})),
+                         tensor_parallel_run(model, launch, counts, settings.max_grad_norm)),
     )
+
+
+def tensor_parallel_run(model: Any, launch: LaunchShape, counts: LoaderCounts,
+                        max_grad_norm: float | None) -> TensorParallelRun | None:
+    """The TP rows' inputs, for a family with a tensor-parallel plan; their TP groups are the config's
+    tp_size, or 2 where the config has none."""
+    from hftk.tensor_parallel import layout
+
+    found = layout(model)
+    if found is None:
+        return None
+    return TensorParallelRun(found, launch.tp_size if launch.tp_size > 1 else 2, counts.micro_batch_positions,
+                             max_grad_norm is not None)
 
 
 def print_plan(report: PlanReport) -> None:
@@ -408,14 +468,17 @@ def print_scale(console: Any, scale: ScalePlan, strategy: str, processes: int) -
     table.add_column("strategy")
     for n in counts:
         table.add_column(f"{n} device{'s' if n > 1 else ''}" + (" (this)" if n == processes else ""), justify="right")
-    cells: dict[tuple[str, str], list[str]] = {}
+    cells: dict[tuple[str, str], dict[int, str]] = {}
+    labels: dict[tuple[str, str], str] = {}
     for row in scale.rows:
-        cells.setdefault((row.strategy, row.comm_hook), []).append(
-            f"{_size(row.wire_bytes_per_step)} / {_duration(row.step_seconds)}")
+        key = (row.strategy, row.comm_hook)
+        cells.setdefault(key, {})[row.processes] = f"{_size(row.wire_bytes_per_step)} / {_duration(row.step_seconds)}"
+        labels[key] = (f"{row.strategy} + {row.comm_hook}" if row.strategy == "ddp" else
+                       f"fsdp_tp (tp {row.tp_size})" if row.strategy == "fsdp_tp" else row.strategy)
     runs = (strategy.removesuffix("_offload"), scale.comm_hook if strategy == "ddp" else "none")
-    for (name, hook), values in cells.items():
-        label = f"{name} + {hook}" if name == "ddp" else name
-        table.add_row(label + (" (this config)" if (name, hook) == runs else ""), *values)
+    for key, values in cells.items():
+        # a TP layout that does not fit a device count (heads, group size) has no cell there
+        table.add_row(labels[key] + (" (this config)" if key == runs else ""), *(values.get(n, "-") for n in counts))
     console.print(table)
     for note in scale.notes:
         console.print(f"  {note}")
