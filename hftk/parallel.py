@@ -73,6 +73,24 @@ def process_group_kwargs(timeout_seconds: int) -> list[Any]:
     return [InitProcessGroupKwargs(backend=backend, timeout=timedelta(seconds=timeout_seconds))]
 
 
+def forward_in_mixed_precision(accelerator: Any, model: Any) -> None:
+    """Runs the model's forward under the launch's mixed precision, as Accelerate's prepare() does for a
+    model it wraps. The strategies that shard the model themselves (FSDP2 on CPUs, tensor parallelism)
+    never hand it to prepare(), and without this a bf16 launch or train.bf16 trained in fp32."""
+    if accelerator.mixed_precision == "no":
+        return
+    import functools
+
+    forward = model.forward
+
+    @functools.wraps(forward)
+    def forward_under_autocast(*args: Any, **kwargs: Any) -> Any:
+        with accelerator.autocast():
+            return forward(*args, **kwargs)
+
+    model.forward = forward_under_autocast
+
+
 def ddp_kwargs(bucket_cap_mb: float | None) -> list[Any]:
     """Accelerate hands these to DistributedDataParallel; other strategies ignore them."""
     if bucket_cap_mb is None:
@@ -219,6 +237,7 @@ class CpuFsdpStrategy:
             if type(module).__name__ in blocks:
                 fully_shard(module, reshard_after_forward=reshard)
         fully_shard(model, reshard_after_forward=reshard)
+        forward_in_mixed_precision(accelerator, model)
         local = sum(p.to_local().numel() for p in model.parameters())
         total = sum(p.numel() for p in model.parameters())
         log.info(f"fully_shard over {accelerator.num_processes} processes: this one holds {local} of {total} parameters")

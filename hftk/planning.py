@@ -360,7 +360,8 @@ def make_plan(recipe: Recipe, launch: LaunchShape, link: Interconnect | None = N
     mean_tokens = sum(source) / len(source) + (sum(target) / len(target) if target else 0)
     tokens_per_step = mean_tokens * global_batch
     tokens_per_process_step = mean_tokens * settings.per_device_train_batch_size * settings.gradient_accumulation_steps
-    precision = PRECISIONS[launch.mixed_precision]
+    # train.bf16 wins over the launcher's mixed_precision, as in the run (prepare.make_accelerator).
+    precision = PRECISIONS["bf16" if settings.bf16 else launch.mixed_precision]
     persistent = persistent_parameters(model, launch.param_persistence_threshold, plan.config)
     # A decoder-only example is prompt and target in one sequence: its limit is the two lengths together.
     source_limit = (block_length(plan.task, recipe.data) if plan.encoding.family == "decoder-only"
@@ -393,12 +394,12 @@ def make_plan(recipe: Recipe, launch: LaunchShape, link: Interconnect | None = N
         scale=scale_plan(tensor_shapes(model), recipe.parallel, precision, settings.gradient_accumulation_steps,
                          tokens_per_process_step, link or Interconnect(),
                          tuple(sorted({*DEVICE_COUNTS, launch.num_processes})),
-                         tensor_parallel_run(model, launch, counts, settings.max_grad_norm)),
+                         tensor_parallel_run(model, launch, counts, settings.max_grad_norm, precision)),
     )
 
 
 def tensor_parallel_run(model: Any, launch: LaunchShape, counts: LoaderCounts,
-                        max_grad_norm: float | None) -> TensorParallelRun | None:
+                        max_grad_norm: float | None, precision: Precision) -> TensorParallelRun | None:
     """The TP rows' inputs, for a family with a tensor-parallel plan; their TP groups are the config's
     tp_size, or 2 where the config has none."""
     from hftk.tensor_parallel import layout
@@ -406,8 +407,10 @@ def tensor_parallel_run(model: Any, launch: LaunchShape, counts: LoaderCounts,
     found = layout(model)
     if found is None:
         return None
+    # Under autocast the activations TP reduces are half precision; the parameters stay as built.
+    activation_size = precision.weights if precision.name != "no" else None
     return TensorParallelRun(found, launch.tp_size if launch.tp_size > 1 else 2, counts.micro_batch_positions,
-                             max_grad_norm is not None)
+                             max_grad_norm is not None, activation_size)
 
 
 def print_plan(report: PlanReport) -> None:

@@ -22,8 +22,8 @@ or reduce_scatter), counted from the model's parameter shapes:
   layer of the plan hands its group what its style inserts (TP_STYLES below; for Llama, every rowwise
   layer and the vocab-parallel embedding all-reduce their output in forward, every colwise layer its
   input gradient in backward, and lm_head all-gathers its slice of the logits), at the padded shape
-  (batch x longest length) of the run's mean micro-batch and in the parameters' dtype (hftk's TP runs
-  without autocast). fsdp_tp adds FSDP2 as transformers applies it, one group per module of the model's
+  (batch x longest length) of the run's mean micro-batch, in the parameters' dtype except linear
+  outputs under mixed precision (activation_collectives says which). fsdp_tp adds FSDP2 as transformers applies it, one group per module of the model's
   fsdp plan: each group's shard of the TP slices gathered in every micro-batch's forward (and again in
   backward where the plan frees it), gradients reduce_scattered once per optimizer step. Clipping
   (train.max_grad_norm) all-reduces one norm per sharded gradient, once per mesh dimension it is
@@ -211,9 +211,14 @@ class TensorParallelLayout:
     unmodelled: list[str] = field(default_factory=list)  # plan styles whose collectives are not counted
 
 
-def activation_collectives(layers: list[TpLayer], tp: int, tokens: float, element_size: int) -> list[Collective]:
+def activation_collectives(layers: list[TpLayer], tp: int, tokens: float, element_size: int,
+                           output_size: int | None = None) -> list[Collective]:
     """The TP group's collectives of one micro-batch (forward and backward) of `tokens` positions, in the
-    parameters' dtype: hftk's TP runs the model as built, without Accelerate's autocast."""
+    parameters' dtype, except what a linear layer outputs under mixed precision (`output_size` bytes per
+    value: autocast computes it in half precision). Measured under bf16 (benchmarks/tp_comm_bytes.py):
+    rowwise outputs and lm_head's gathered logits travel in bf16; embedding outputs and every input
+    gradient in backward stay fp32 (TP redistributes a linear layer's input before autocast casts it)."""
+    output_size = output_size or element_size
     sums: dict[str, list[float]] = {}
 
     def add(op: str, payload: float) -> None:
@@ -225,9 +230,9 @@ def activation_collectives(layers: list[TpLayer], tp: int, tokens: float, elemen
         if layer.style in COLWISE:
             add("all_reduce", tokens * layer.in_width * element_size)
         if layer.style in GATHERED_OUTPUT:
-            add("all_gather", tokens * -(-layer.out_width // tp) * element_size)
+            add("all_gather", tokens * -(-layer.out_width // tp) * output_size)
         if layer.style in ROWWISE:
-            add("all_reduce", tokens * layer.out_width * element_size)
+            add("all_reduce", tokens * layer.out_width * output_size)
         if layer.style in SPLIT_INPUT:
             add("all_gather", tokens * -(-layer.in_width // tp) * element_size)
         if layer.style == "embedding_rowwise":
@@ -282,6 +287,7 @@ class TensorParallelRun:
     tp_size: int  # of the fsdp_tp rows: the config's tp_size (2 where the config has none)
     micro_batch_positions: float  # padded positions (batch x longest length) of a mean micro-batch
     clips: bool  # train.max_grad_norm is set
+    activation_element_size: int | None = None  # bytes of a linear output under mixed precision; None: no autocast
 
 
 def tp_step_collectives(run: TensorParallelRun, tp: int, shards: int, accumulation: int) -> list[Collective]:
@@ -290,7 +296,8 @@ def tp_step_collectives(run: TensorParallelRun, tp: int, shards: int, accumulati
     if tp * shards == 1:
         return []
     element_size = max((p.element_size for p in run.layout.parameters), default=4)
-    per_micro_batch = activation_collectives(run.layout.layers, tp, run.micro_batch_positions, element_size)
+    per_micro_batch = activation_collectives(run.layout.layers, tp, run.micro_batch_positions, element_size,
+                                             run.activation_element_size)
     collectives = [Collective("all_reduce", TOKEN_COUNT_BYTES),
                    *(Collective(c.op, c.payload * accumulation, c.calls * accumulation, c.group)
                      for c in per_micro_batch)]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hftk.errors import UserError
-from hftk.parallel import CpuFsdpStrategy
+from hftk.parallel import CpuFsdpStrategy, forward_in_mixed_precision
 from hftk.tracking import log
 
 SWITCH = "ACCELERATE_USE_PARALLELISM_CONFIG"
@@ -99,6 +99,9 @@ class TensorParallelStrategy(CpuFsdpStrategy):
                 f"processes, this launch has {accelerator.num_processes}; launch with --num_processes {sizes.processes}"
             )
         check_model(config, sizes)
+        if accelerator.mixed_precision == "fp16":  # no loss scaler: the optimizer is not Accelerate's
+            raise UserError("tensor parallelism trains in fp32 or bf16, not fp16; launch with --mixed_precision bf16 "
+                            "or set train.bf16=true")
         self.sizes = sizes
         self.data_rank = accelerator.process_index // sizes.tp  # the mesh is (fsdp, tp), tp innermost
         self.counts_tokens = accelerator.process_index % sizes.tp == 0  # one process per TP group
@@ -114,6 +117,7 @@ class TensorParallelStrategy(CpuFsdpStrategy):
         model = type(model).maybe_distribute_model(model, config, meshes)
         # hftk gathers the whole model itself when saving; transformers would gather it a second time.
         model.config.distributed_config = None
+        forward_in_mixed_precision(accelerator, model)
         local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters())
         total = sum(p.numel() for p in model.parameters())
         log.info(f"tensor parallel {self.sizes.tp} x data shards {self.sizes.dp_shard}: this process holds "

@@ -162,3 +162,27 @@ def test_strategies_that_cannot_run_here_exit_2(config, flags, env, overrides, m
 def test_fp16_on_cpu_exits_2(tmp_path):
     run = run_hftk("finetune", str(recipe_file(tmp_path, "fp16", BATCH)), env={"ACCELERATE_MIXED_PRECISION": "fp16"})
     assert run.returncode == 2 and "fp16 cannot run on a CPU" in run.stderr
+
+
+@pytest.fixture(scope="module")
+def reference_bf16(tmp_path_factory) -> Path:
+    tmp_path = tmp_path_factory.mktemp("reference-bf16")
+    result = run_hftk("finetune", str(recipe_file(tmp_path, "single", 2 * BATCH, bf16=True)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp_path / "single"
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_bf16_reaches_the_forward_however_the_model_is_wrapped(name, reference, reference_bf16, tmp_path):
+    """train.bf16 runs the forward under autocast whether Accelerate wraps the model (DDP) or hftk shards
+    it itself (FSDP2 on CPUs, and tensor parallelism): the losses follow one bf16 process, not fp32."""
+    command, env = launcher(STRATEGIES[name])
+    run = run_hftk("finetune", str(recipe_file(tmp_path, name, BATCH, bf16=True)), launcher=command, env=env)
+    assert run.returncode == 0, run.stderr[-4000:]
+    mine = losses(tmp_path / name)
+    # Measured: 1.1e-4 from one bf16 process (bf16 products over half batches), 2.6e-4 from fp32 (which
+    # a fp32 strategy matches to 2e-7).
+    worst = assert_close_losses(mine, losses(reference_bf16), 1e-3)
+    fp32 = losses(reference)
+    from_fp32 = max(abs(mine[s] - fp32[s]) / fp32[s] for s in fp32)
+    assert from_fp32 > max(worst, 1e-5), f"{from_fp32:.1e} from fp32, {worst:.1e} from bf16: trained in fp32"

@@ -14,10 +14,12 @@ import pytest
 from tests.conftest import ROOT, accelerate_launch, run_hftk, tiny_recipe, write_recipe
 from tests.integration.test_tensor_parallel import LLAMA
 
-# config -> (processes, recipe overrides): fsdp_tp accumulates 2 micro-batches, so FSDP2's gathers (every
-# micro-batch) and its reduce_scatter (once per step) both show.
-LAUNCHES = {"tp.yaml": (2, {"per_device_train_batch_size": 8}),
-            "fsdp_tp.yaml": (4, {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2})}
+# case -> (config, processes, recipe overrides): fsdp_tp accumulates 2 micro-batches, so FSDP2's gathers
+# (every micro-batch) and its reduce_scatter (once per step) both show; tp-bf16 runs under autocast, where
+# linear outputs travel in bf16 and input gradients in fp32.
+LAUNCHES = {"tp": ("tp.yaml", 2, {"per_device_train_batch_size": 8}),
+            "tp-bf16": ("tp.yaml", 2, {"per_device_train_batch_size": 8, "bf16": True}),
+            "fsdp_tp": ("fsdp_tp.yaml", 4, {"per_device_train_batch_size": 2, "gradient_accumulation_steps": 2})}
 STEPS = 2
 
 
@@ -38,9 +40,9 @@ def count_tp_collectives(config: str, recipe, output) -> list[dict]:
     return [json.loads(path.read_text()) for path in sorted(output.parent.glob(f"{output.stem}*.json"))]
 
 
-@pytest.mark.parametrize("config", sorted(LAUNCHES))
-def test_plan_tp_bytes_equal_a_real_run(config, tmp_path):
-    processes, train = LAUNCHES[config]
+@pytest.mark.parametrize("case", sorted(LAUNCHES))
+def test_plan_tp_bytes_equal_a_real_run(case, tmp_path):
+    config, processes, train = LAUNCHES[case]
     recipe = llama_recipe(tmp_path, **train)
     planned = run_hftk("plan", str(recipe), "--config-file", str(ROOT / "accelerate_configs" / config), "--json")
     assert planned.returncode == 0, planned.stderr
