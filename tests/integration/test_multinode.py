@@ -105,21 +105,7 @@ def test_two_machine_checkpoint_resumes_on_one_machine(two_machines, tmp_path):
     assert losses(resumed) == pytest.approx(unbroken, rel=1e-6)
 
 
-def test_two_machine_checkpoint_resumes_on_two_machines(two_machines, tmp_path):
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(two_machines / "checkpoint-3", resumed / "checkpoint-3")
-    runs = launch_two_machines(tmp_path, recipe_file(tmp_path, "resumed", BATCH, resume_from_checkpoint="latest"),
-                               "--multi_gpu")
-    for run in runs:
-        assert run.returncode == 0, run.stderr[-4000:]
-    assert f"resuming from {resumed / 'checkpoint-3'}" in runs[0].stderr
-    # Same machines, same processes: the rest of the run is the unbroken one, bit for bit.
-    assert loss_rows(resumed) == [(step, loss) for step, loss in loss_rows(two_machines) if step > 3]
-    assert weights(resumed) == weights(two_machines)
-
-
-# Half a second after every optimizer step, so a SIGTERM sent once step 4 is logged lands before step 6.
+# Half a second after every optimizer step, so a SIGTERM sent once step 2 is logged stops the run before step 6.
 PACED = {"HFTK_FAULT": "pace:500", "PYTHONPATH": f"{FAULTS}:{ROOT}"}
 STOPPED = re.compile(r"^hftk: stopped: received (.+); saved (\S+) at optimizer step (\d+);", re.MULTILINE)
 
