@@ -141,17 +141,14 @@ class TensorParallelStrategy(CpuFsdpStrategy):
 def layout(model: Any) -> Any:
     """The model's tensor-parallel plan as `hftk plan` counts its collectives (hftk.scaling.TensorParallelLayout),
     or None for a family without one. Works on a meta-device model: shapes only."""
-    import re
-
     from hftk.scaling import TP_STYLES, TensorParallelLayout, TpLayer
 
     plan = getattr(model, "tp_plan", None) or {}
     if not plan:
         return None
-    rules = [(re.compile(re.escape(key).replace(r"\*", r"\d+")), style) for key, style in plan.items()]
     layers, unmodelled, split_dims = [], set(), {}
     for name, module in model.named_modules():
-        style = next((s for rule, s in rules if rule.fullmatch(name)), None)
+        style = _plan_style(plan, name)
         if style is None:
             continue
         if style not in TP_STYLES:
@@ -176,6 +173,13 @@ def layout(model: Any) -> Any:
                                 sorted(unmodelled))
 
 
+def _plan_style(plan: dict[str, str], name: str) -> str | None:
+    """A module's entry in a transformers plan, whose keys name layers by number or with `*` for it."""
+    from transformers.distributed.parallel_utils import replace_layer_number_by_wildcard
+
+    return plan.get(name) or plan.get(replace_layer_number_by_wildcard(name))
+
+
 def _split_dim(style: str, param_name: str, ndim: int) -> int | None:
     """The dimension a style shards a parameter on (transformers' shard_param), or None where it stays whole."""
     from hftk.scaling import COLWISE, ROWWISE
@@ -191,15 +195,12 @@ def _fsdp_groups(model: Any) -> tuple[dict[str, int], list[bool]]:
     """transformers' FSDP2 groups of the model (apply_fully_sharded_data_parallelism): each module of its
     fsdp plan, the final norm and output head bundled where they are the only kept pair, the root last.
     Returns the group of each module name and, per group, whether it is freed after forward."""
-    import re
-
     from transformers.distributed.fsdp import _resolve_tied_embed_lm_head_plan, is_norm_and_head_pair
 
     plan = _resolve_tied_embed_lm_head_plan(dict(getattr(model, "fsdp_plan", None) or {}), model)
-    rules = [(re.compile(re.escape(key).replace(r"\*", r"\d+")), style) for key, style in plan.items()]
     freed, kept = [], []
     for name, module in model.named_modules():
-        style = next((s for rule, s in rules if rule.fullmatch(name)), None)
+        style = _plan_style(plan, name)
         if style is not None:
             (kept if style == "keep_full_weight" else freed).append((name, module))
     groups = {name: index for index, (name, _) in enumerate(freed)}
