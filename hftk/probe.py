@@ -23,6 +23,7 @@ def probe_steps(plan: Any, tokenizer: Any, features: Any, steps: int, total_step
 
     from hftk import adapters, models
     from hftk.prepare import train_collator, train_loader
+    from hftk.train import fast_dropout
     from hftk.train.loop import windows
     from hftk.train.objective import token_counts, token_loss_sums
     from hftk.train.optim import build_optimizer
@@ -33,6 +34,8 @@ def probe_steps(plan: Any, tokenizer: Any, features: Any, steps: int, total_step
     if recipe.lora is not None:
         model = adapters.wrap(model, adapters.plan_adapter(recipe.lora, plan.config, plan.encoding.auto_class),
                               recipe.model.gradient_checkpointing)
+    if fast_dropout.applies(recipe.train, recipe.model, device):
+        fast_dropout.install(model)
     model.to(device).train()
     optimizer = build_optimizer(model, recipe.train)
     loader = train_loader(plan, features, train_collator(plan, tokenizer, model), 1)

@@ -99,6 +99,7 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, 
     """Model, optimizer, loaders and schedule, prepared for the strategy and restored on resume.
     Returns the loop's parts, the validation evaluation (results, prediction rows) or None, and the
     trainable and total parameter counts."""
+    from hftk.train import fast_dropout
     from hftk.train.loop import LoopParts
     from hftk.train.mfu import flop_counter, peak_flops, training_dtype
     from hftk.train.optim import build_optimizer, build_scheduler, total_optimizer_steps
@@ -114,6 +115,8 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, 
     if plan.adapter is not None:  # before prepare(): DDP and the optimizer see only what trains
         model = adapters.wrap(model, plan.adapter, recipe.model.gradient_checkpointing)
     sizes = adapters.count_parameters(model)
+    if fast_dropout.applies(settings, recipe.model, accelerator.device):
+        fast_dropout.install(model)
     flops = flop_counter(model, plan.encoding.family)  # before sharding: every process counts the whole model
     log.info(f"trainable parameters: {sizes['trainable_parameters']:,} of {sizes['total_parameters']:,} "
              f"({sizes['trainable_parameters'] / max(sizes['total_parameters'], 1):.2%})")
