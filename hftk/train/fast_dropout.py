@@ -72,7 +72,8 @@ class CounterDropout(TorchFunctionMode):
     def dropout(self, input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False):
         if not _applies(input, p, training):
             return F.dropout(input, p, training, inplace)
-        noise = torch.where(self.keep_mask(input.shape, p), 1.0 / (1.0 - p), 0.0).to(input.dtype)
+        scale, zero = (torch.tensor(v, dtype=input.dtype) for v in (1.0 / (1.0 - p), 0.0))
+        noise = torch.where(self.keep_mask(input.shape, p), scale, zero)  # one pass, in the input's dtype
         return input.mul_(noise) if inplace else input * noise
 
     def attention(self, query, key, value, attn_mask=None, dropout_p: float = 0.0, is_causal: bool = False,
