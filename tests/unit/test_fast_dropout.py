@@ -54,7 +54,7 @@ def test_gradient_is_the_mask():
     assert torch.allclose(x.grad, expected)
 
 
-def test_evaluation_and_gpu_style_inputs_keep_torchs_path():
+def test_evaluation_and_a_zero_rate_return_the_input():
     x = torch.randn(128)
     with CounterDropout():
         assert torch.equal(F.dropout(x, 0.5, training=False), x)
