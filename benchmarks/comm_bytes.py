@@ -36,7 +36,6 @@ from hftk.train.state import TrainState
 STEPS = 60
 LAST = 10  # the loss "after STEPS steps" is the mean of the last LAST steps, not one batch's noise
 POWERSGD_START = 4  # PowerSGD sends full gradients (with error feedback) before this step
-TOPK_RATIO = 0.01
 HOOKS = ("none", "fp16", "bf16", "int8", "topk", "powersgd")
 COUNTED = ("all_reduce", "all_gather")
 
@@ -66,11 +65,12 @@ class ByteCounter:
             setattr(dist, name, original)
 
 
-def measure(recipe_path: str, hook: str, steps: int = STEPS, topk_ratio: float = TOPK_RATIO,
+def measure(recipe_path: str, hook: str, steps: int = STEPS, topk_ratio: float | None = None,
             overrides: tuple[str, ...] = ()) -> dict:
+    """`topk_ratio` None: the recipe's own (parallel.topk_ratio, 0.01 unless it says)."""
+    ratio = [] if topk_ratio is None else [f"parallel.topk_ratio={topk_ratio}"]
     recipe = load_recipe(recipe_path, [*overrides, f"train.output_dir=/tmp/hftk-comm-bytes-{hook}", f"parallel.comm_hook={hook}",
-                                       f"parallel.topk_ratio={topk_ratio}",
-                                       f"parallel.powersgd_start_iter={POWERSGD_START}"])
+                                       *ratio, f"parallel.powersgd_start_iter={POWERSGD_START}"])
     plan = plan_inputs(recipe, ["train"])
     accelerator = make_accelerator(recipe.train)
     tokenizer = build_tokenizer(plan, accelerator)
@@ -116,7 +116,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("recipe", nargs="?", default="recipes/summarize.yaml")
     parser.add_argument("hooks", nargs="*", help=f"some of {' '.join(HOOKS)} (default: all)")
     parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--topk-ratio", type=float, default=TOPK_RATIO)
+    parser.add_argument("--topk-ratio", type=float, default=None, help="default: the recipe's parallel.topk_ratio")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override (repeatable)")
     parser.add_argument("--output", default="benchmarks/comm_bytes.json")
     args = parser.parse_args()

@@ -39,7 +39,8 @@ def register(model: Any, settings: ParallelSection) -> Any:
         model.register_comm_hook(state, powersgd_hook_in_order)
         return state
     if settings.comm_hook in ("int8", "topk"):
-        state = ErrorFeedback(model, settings.topk_ratio)
+        state = (ErrorFeedback(model) if settings.comm_hook == "int8" else
+                 ErrorFeedback(model, settings.topk_ratio, settings.topk_start_iter))
         model.register_comm_hook(state, int8_hook if settings.comm_hook == "int8" else topk_hook)
         return state
     hook = default_hooks.fp16_compress_hook if settings.comm_hook == "fp16" else bfloat16_all_reduce_hook
@@ -88,10 +89,19 @@ class ErrorFeedback:
     on the grouping at all, and a resumed run stays bit-identical to an unbroken one.
     """
 
-    def __init__(self, model: Any, topk_ratio: float):
+    def __init__(self, model: Any, topk_ratio: float = 1.0, start_iter: int = 0):
         self.positions = {id(p): i for i, p in enumerate(model.parameters())}
         self.topk_ratio = topk_ratio
+        self.start_iter = start_iter
+        self.iteration = 0  # optimizer steps communicated so far (DDP calls hooks on the last micro-batch only)
         self.residuals: dict[int, torch.Tensor] = {}
+
+    def warming_up(self, bucket: dist.GradBucket) -> bool:
+        """Whether this step still sends plain gradients; counts the step once its last bucket is in."""
+        warming = self.iteration < self.start_iter
+        if bucket.is_last():
+            self.iteration += 1
+        return warming
 
     def tensors(self, bucket: dist.GradBucket) -> list[tuple[int, torch.Tensor]]:
         """(parameter position, flat gradient) for each tensor of the bucket, in buffer order."""
@@ -108,10 +118,11 @@ class ErrorFeedback:
         return gradient + residual if residual is not None else gradient.clone()
 
     def __getstate__(self) -> dict:
-        return {"residuals": self.residuals}
+        return {"residuals": self.residuals, "iteration": self.iteration}
 
     def __setstate__(self, saved: dict) -> None:
         self.residuals = saved["residuals"]
+        self.iteration = saved["iteration"]
 
 
 def _as_bytes(*tensors: torch.Tensor) -> torch.Tensor:
@@ -156,30 +167,81 @@ def int8_hook(state: ErrorFeedback, bucket: dist.GradBucket) -> torch.futures.Fu
     return _all_gather(_as_bytes(torch.stack(scales), torch.cat(codes)), average)
 
 
+TOPK_VALUES = torch.bfloat16  # error feedback carries the rounding, as it carries what is not sent
+
+
+def topk_count(ratio: float, numel: int) -> int:
+    """Entries a tensor sends per step; the same on every process, so every payload has one size."""
+    return math.ceil(ratio * numel)
+
+
+def topk_uses_bitmap(k: int, numel: int) -> bool:
+    """A tensor's positions travel as a bitmap (1 bit per entry) where that is smaller than int32 positions."""
+    return math.ceil(numel / 8) < 4 * k
+
+
+def topk_payload_bytes(ratio: float, numel: int) -> int:
+    """Bytes one gradient tensor puts in the top-k payload: bf16 values and their positions."""
+    k = topk_count(ratio, numel)
+    return 2 * k + min(4 * k, math.ceil(numel / 8))
+
+
+_BITS = 2 ** torch.arange(8, dtype=torch.int16)
+
+
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    padded = torch.nn.functional.pad(mask.to(torch.int16), (0, -mask.numel() % 8))
+    return (padded.view(-1, 8) * _BITS.to(mask.device)).sum(1).to(torch.uint8)
+
+
+def _unpack_bits(packed: torch.Tensor) -> torch.Tensor:
+    return (packed.to(torch.int16).unsqueeze(1).bitwise_and(_BITS.to(packed.device)) != 0).flatten()
+
+
 def topk_hook(state: ErrorFeedback, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """Each gradient tensor sends its k = ceil(ratio x size) largest-magnitude entries (values and
-    positions; the same k on every process); what is left is carried to the next step."""
+    """Each gradient tensor sends its k = ceil(ratio x size) largest-magnitude entries as bfloat16, with
+    their positions as int32 or as a bitmap, whichever is smaller; what is left (the unsent entries and
+    the rounding of the sent ones) is carried to the next step. Plain all-reduce before
+    `topk_start_iter`: early gradients change fastest, and an entry waiting in the residual then costs
+    most (benchmarks/RESULTS.md)."""
     buffer = bucket.buffer()
-    values, indices, offset = [], [], 0
+    if state.warming_up(bucket):
+        return dist.all_reduce(buffer.div_(dist.get_world_size()), async_op=True).get_future().then(
+            lambda future: future.value()[0])
+    listed, bitmaps, listed_values, bitmap_values = [], [], [], []
+    bitmap_positions, offset = [], 0  # bucket positions of the bitmapped tensors' bits (padding: -1)
     for position, gradient in state.tensors(bucket):
         corrected = state.corrected(position, gradient)
-        k = math.ceil(state.topk_ratio * corrected.numel())
-        chosen = corrected.abs().topk(k).indices
-        values.append(corrected[chosen].float())
-        indices.append((chosen + offset).to(torch.int32))
-        state.residuals[position] = corrected.index_fill_(0, chosen, 0)
+        k = topk_count(state.topk_ratio, corrected.numel())
+        chosen = corrected.abs().topk(k, sorted=False).indices.sort().values  # in position order
+        value = corrected[chosen].to(TOPK_VALUES)
+        if topk_uses_bitmap(k, corrected.numel()):
+            bitmaps.append(_pack_bits(torch.zeros_like(corrected, dtype=torch.bool).index_fill_(0, chosen, True)))
+            bitmap_values.append(value)
+            where = torch.arange(offset, offset + corrected.numel(), device=buffer.device)
+            bitmap_positions.append(torch.nn.functional.pad(where, (0, -where.numel() % 8), value=-1))
+        else:
+            listed.append((chosen + offset).to(torch.int32))
+            listed_values.append(value)
+        state.residuals[position] = corrected.index_add_(0, chosen, value.to(corrected.dtype), alpha=-1)
         offset += corrected.numel()
-    sent = sum(v.numel() for v in values)
+    n_listed, n_bitmapped = sum(t.numel() for t in listed), sum(t.numel() for t in bitmap_values)
+    bit_positions = torch.cat(bitmap_positions) if bitmap_positions else None
 
     def average(gathered: list[torch.Tensor]) -> torch.Tensor:
         dense = torch.zeros(buffer.numel(), dtype=torch.float32, device=buffer.device)
         for payload in gathered:  # rank order on every process: all get the same bits
-            where = payload[4 * sent:].view(torch.int32).long()
-            dense.index_add_(0, where, payload[:4 * sent].view(torch.float32))
+            values = payload[4 * n_listed:4 * n_listed + 2 * (n_listed + n_bitmapped)].view(TOPK_VALUES).float()
+            if n_listed:
+                dense.index_add_(0, payload[:4 * n_listed].view(torch.int32).long(), values[:n_listed])
+            if bit_positions is not None:
+                bits = _unpack_bits(payload[6 * n_listed + 2 * n_bitmapped:])
+                dense.index_add_(0, bit_positions[bits], values[n_listed:])
         buffer.copy_(dense.div_(len(gathered)))
         return buffer
 
-    return _all_gather(_as_bytes(torch.cat(values), torch.cat(indices)), average)
+    # int32 positions first, then bf16 values, then bitmaps: each view starts aligned to its dtype.
+    return _all_gather(_as_bytes(*listed, *listed_values, *bitmap_values, *bitmaps), average)
 
 
 def _path(folder: Path, rank: int) -> Path:

@@ -301,6 +301,8 @@ class ParallelSection(Section):
     )
     topk_ratio: float = Field(0.01, gt=0.0, le=1.0,
                               description="topk: the fraction of each gradient tensor's entries sent every step.")
+    topk_start_iter: int = Field(10, ge=0, le=MAX_STEPS,
+                                 description="topk: plain all-reduce for this many optimizer steps first.")
     powersgd_rank: int = Field(1, ge=1, le=MAX_BATCH, description="PowerSGD matrix approximation rank.")
     powersgd_start_iter: int = Field(1000, ge=2, le=MAX_STEPS,
                                      description="Plain all-reduce (with error feedback warm-up) before this step.")

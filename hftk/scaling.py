@@ -6,8 +6,9 @@ or reduce_scatter), counted from the model's parameter shapes:
 
 - DDP: one all_reduce of every trainable gradient (in the parameters' dtype) per optimizer step;
   no_sync skips the other micro-batches. fp16/bf16 halve it; int8 and top-k all_gather each
-  tensor's 1-byte codes and 4-byte scale, or its k = ceil(ratio x size) float32 values and int32
-  positions; PowerSGD all_reduces the P and Q factors of the tensors worth compressing (PyTorch's
+  tensor's 1-byte codes and 4-byte scale, or its k = ceil(ratio x size) bfloat16 values and their
+  positions (int32, or a bitmap where that is smaller), after `topk_start_iter` steps of plain
+  all_reduce; PowerSGD all_reduces the P and Q factors of the tensors worth compressing (PyTorch's
   test: (rows + cols) x rank x min_compression_rate < rows x cols) and the rest uncompressed, after
   `powersgd_start_iter` steps of plain all_reduce.
 - ZeRO and FSDP: trainable gradients reduce_scattered, parameters all_gathered (each process hands
@@ -100,9 +101,10 @@ def ddp_collectives(shapes: list[TensorShape], hook: str, parallel: Any) -> list
     if hook == "int8":
         return [Collective("all_gather", entries + 4 * len(trained), buckets)]
     if hook == "topk":
-        # The same expression as the hook's k, so the float rounding matches too.
-        sent = sum(math.ceil(parallel.topk_ratio * s.numel) for s in trained)
-        return [Collective("all_gather", 8 * sent, buckets)]
+        from hftk.comm_hooks import topk_payload_bytes  # the hook's own arithmetic, rounding included
+
+        return [Collective("all_gather", sum(topk_payload_bytes(parallel.topk_ratio, s.numel) for s in trained),
+                           buckets)]
     if hook == "powersgd":
         return powersgd_collectives(trained, parallel.powersgd_rank, parallel.powersgd_min_compression_rate, buckets)
     raise ValueError(f"unknown communication hook {hook!r}")
@@ -392,6 +394,8 @@ def scale_plan(shapes: list[TensorShape], parallel: Any, precision: Any, accumul
             plan.rows.append(scale_row(strategy, hook, n, collectives, link, compute, tokens_per_process_step))
     plan.notes.append(f"powersgd: PyTorch's hook all-reduces in full (as none) for its first "
                       f"{parallel.powersgd_start_iter} steps (parallel.powersgd_start_iter)")
+    plan.notes.append(f"topk: plain all_reduce (as none) for its first {parallel.topk_start_iter} steps "
+                      "(parallel.topk_start_iter)")
     plan.notes.append("int8 and topk gather every process's payload: their bytes on the wire grow with n, "
                       "an all_reduce's do not")
     if tensor_parallel is not None:

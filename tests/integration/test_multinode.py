@@ -92,9 +92,10 @@ def test_two_machines_equal_one_process(two_machines, reference):  # noqa: F811
     assert json.loads((two_machines / "all_results.json").read_text())["eval_samples"] == 16
 
 
-@pytest.mark.parametrize("config", ["zero2.yaml", "fsdp.yaml"])
+@pytest.mark.parametrize("config", ["zero1.yaml", "zero2.yaml", "zero3.yaml", "zero3_offload.yaml", "fsdp.yaml",
+                                    "fsdp_shard_grad_op.yaml"])
 def test_sharded_strategies_across_two_machines_equal_one_process(config, reference, tmp_path):  # noqa: F811
-    """The same two launch lines with a DeepSpeed or an FSDP config instead of --multi_gpu: one world
+    """The same two launch lines with each DeepSpeed or FSDP config instead of --multi_gpu: one world
     of 2 (DeepSpeed through deepspeed_multinode_launcher: standard, no pdsh), the recipe unchanged."""
     runs = launch_two_machines(tmp_path, recipe_file(tmp_path, "sharded", BATCH),
                                "--config_file", str(ROOT / "accelerate_configs" / config))
@@ -105,7 +106,7 @@ def test_sharded_strategies_across_two_machines_equal_one_process(config, refere
     assert sorted(mine) == sorted(theirs)
     for step in theirs:  # measured: 7e-8 relative for both
         assert mine[step] == pytest.approx(theirs[step], rel=1e-4)
-    if config == "fsdp.yaml":
+    if config.startswith("fsdp"):
         assert "fully_shard over 2 processes" in runs[0].stderr
     else:  # each machine's process wrote its own ZeRO partition
         assert (tmp_path / "sharded" / "checkpoint-3" / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()

@@ -1,0 +1,121 @@
+"""The top-k hook's payload, one process at a time: what it sends decodes to exactly the chosen entries,
+what it does not send stays in the residual, and the plan's byte count is the payload's length.
+(tests/integration/test_compression.py runs the hooks on 2 real processes.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from hftk import comm_hooks
+from hftk.recipe import ParallelSection
+from hftk.scaling import TensorShape, ddp_collectives
+
+# At 1%: 1,000 entries send 10 (int32 positions, 40 bytes, beat a 125-byte bitmap); 8 and 3 entries
+# send 1 each (a 1-byte bitmap beats 4 bytes of position).
+SIZES = (1000, 8, 3)
+
+
+class Bucket:
+    """What the hook reads of a dist.GradBucket: the gradients back to back, and their parameters."""
+
+    def __init__(self, parameters: list[torch.nn.Parameter], gradients: list[torch.Tensor]):
+        self._parameters, self._buffer = parameters, torch.cat(gradients)
+
+    def buffer(self) -> torch.Tensor:
+        return self._buffer
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return self._parameters
+
+    def is_last(self) -> bool:
+        return True
+
+
+@pytest.fixture(scope="module")
+def world_of_one(tmp_path_factory):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path_factory.mktemp('pg') / 'store'}",
+                            rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture
+def model() -> torch.nn.Module:
+    module = torch.nn.Module()
+    for i, size in enumerate(SIZES):
+        module.register_parameter(f"p{i}", torch.nn.Parameter(torch.zeros(size)))
+    return module
+
+
+def gradients(seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, generator=generator) for size in SIZES]
+
+
+def step(state: comm_hooks.ErrorFeedback, model: torch.nn.Module, grads: list[torch.Tensor],
+         sent: list[int] | None = None) -> list[torch.Tensor]:
+    """One hook call on a bucket of `grads`; the averaged gradients it leaves, split per tensor."""
+    original = dist.all_gather
+
+    def counting(outputs, payload, *args, **kwargs):
+        sent.append(payload.numel())
+        return original(outputs, payload, *args, **kwargs)
+
+    bucket = Bucket(list(model.parameters()), [g.clone() for g in grads])
+    if sent is not None:
+        dist.all_gather = counting
+    try:
+        averaged = comm_hooks.topk_hook(state, bucket).wait()
+    finally:
+        dist.all_gather = original
+    return list(averaged.split(SIZES))
+
+
+def test_bitmaps_round_trip():
+    mask = torch.rand(1003, generator=torch.Generator().manual_seed(0)) < 0.3
+    assert torch.equal(comm_hooks._unpack_bits(comm_hooks._pack_bits(mask))[:1003], mask)
+
+
+def test_positions_take_the_smaller_form():
+    assert [comm_hooks.topk_uses_bitmap(comm_hooks.topk_count(0.01, n), n) for n in SIZES] == [False, True, True]
+    assert comm_hooks.topk_uses_bitmap(comm_hooks.topk_count(0.3, 1000), 1000)  # 125 bytes < 1,200
+
+
+def test_topk_sends_the_largest_entries_and_keeps_the_rest(world_of_one, model):
+    state = comm_hooks.ErrorFeedback(model, topk_ratio=0.01, start_iter=0)
+    first = gradients(1)
+    averaged = step(state, model, first)
+    for gradient, result, size, position in zip(first, averaged, SIZES, range(3)):
+        k = comm_hooks.topk_count(0.01, size)
+        chosen = gradient.abs().topk(k).indices
+        expected = torch.zeros(size).index_copy_(0, chosen, gradient[chosen].to(torch.bfloat16).float())
+        assert torch.equal(result, expected)  # a world of one: the average is what this process sent
+        assert torch.equal(result + state.residuals[position], gradient)  # nothing lost, rounding included
+    # The next step chooses among gradient + residual.
+    second = gradients(2)
+    corrected = [g + state.residuals[i] for i, g in enumerate(second)]
+    averaged = step(state, model, second)
+    for i, (target, result) in enumerate(zip(corrected, averaged)):
+        assert torch.equal(result + state.residuals[i], target)
+        assert torch.count_nonzero(result) == comm_hooks.topk_count(0.01, SIZES[i])
+
+
+def test_warm_up_sends_plain_gradients_then_compresses(world_of_one, model):
+    state = comm_hooks.ErrorFeedback(model, topk_ratio=0.01, start_iter=1)
+    grads = gradients(3)
+    assert all(torch.equal(a, g) for a, g in zip(step(state, model, grads), grads))
+    assert state.residuals == {} and state.iteration == 1
+    assert torch.count_nonzero(step(state, model, grads)[0]) == 10
+    assert state.__getstate__()["iteration"] == 2
+
+
+@pytest.mark.parametrize("ratio", [0.01, 0.3, 1.0])
+def test_plan_counts_the_payload_the_hook_sends(world_of_one, model, ratio):
+    sent: list[int] = []
+    step(comm_hooks.ErrorFeedback(model, topk_ratio=ratio, start_iter=0), model, gradients(4), sent)
+    shapes = [TensorShape(n, n, 4, True) for n in SIZES]
+    [planned] = ddp_collectives(shapes, "topk", ParallelSection(comm_hook="topk", topk_ratio=ratio))
+    assert sent == [planned.payload]
+    assert planned.payload == sum(comm_hooks.topk_payload_bytes(ratio, n) for n in SIZES)
