@@ -209,7 +209,8 @@ def topk_hook(state: ErrorFeedback, bucket: dist.GradBucket) -> torch.futures.Fu
         return dist.all_reduce(buffer.div_(dist.get_world_size()), async_op=True).get_future().then(
             lambda future: future.value()[0])
     listed, bitmaps, listed_values, bitmap_values = [], [], [], []
-    bitmap_positions, offset = [], 0  # bucket positions of the bitmapped tensors' bits (padding: -1)
+    # A bitmapped tensor's set bit at i (counting over the padded bitmaps) is bucket position i + shift.
+    shifts, counts, offset, bit_offset = [], [], 0, 0
     for position, gradient in state.tensors(bucket):
         corrected = state.corrected(position, gradient)
         k = topk_count(state.topk_ratio, corrected.numel())
@@ -218,15 +219,17 @@ def topk_hook(state: ErrorFeedback, bucket: dist.GradBucket) -> torch.futures.Fu
         if topk_uses_bitmap(k, corrected.numel()):
             bitmaps.append(_pack_bits(torch.zeros_like(corrected, dtype=torch.bool).index_fill_(0, chosen, True)))
             bitmap_values.append(value)
-            where = torch.arange(offset, offset + corrected.numel(), device=buffer.device)
-            bitmap_positions.append(torch.nn.functional.pad(where, (0, -where.numel() % 8), value=-1))
+            shifts.append(offset - bit_offset)
+            counts.append(k)
+            bit_offset += 8 * bitmaps[-1].numel()
         else:
             listed.append((chosen + offset).to(torch.int32))
             listed_values.append(value)
         state.residuals[position] = corrected.index_add_(0, chosen, value.to(corrected.dtype), alpha=-1)
         offset += corrected.numel()
     n_listed, n_bitmapped = sum(t.numel() for t in listed), sum(t.numel() for t in bitmap_values)
-    bit_positions = torch.cat(bitmap_positions) if bitmap_positions else None
+    shift = torch.tensor(shifts, dtype=torch.long).repeat_interleave(torch.tensor(counts, dtype=torch.long))
+    shift = shift.to(buffer.device)
 
     def average(gathered: list[torch.Tensor]) -> torch.Tensor:
         dense = torch.zeros(buffer.numel(), dtype=torch.float32, device=buffer.device)
@@ -234,9 +237,9 @@ def topk_hook(state: ErrorFeedback, bucket: dist.GradBucket) -> torch.futures.Fu
             values = payload[4 * n_listed:4 * n_listed + 2 * (n_listed + n_bitmapped)].view(TOPK_VALUES).float()
             if n_listed:
                 dense.index_add_(0, payload[:4 * n_listed].view(torch.int32).long(), values[:n_listed])
-            if bit_positions is not None:
+            if n_bitmapped:
                 bits = _unpack_bits(payload[6 * n_listed + 2 * n_bitmapped:])
-                dense.index_add_(0, bit_positions[bits], values[n_listed:])
+                dense.index_add_(0, bits.nonzero().squeeze(1) + shift, values[n_listed:])
         buffer.copy_(dense.div_(len(gathered)))
         return buffer
 

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, accelerate_launch, loss_rows, losses, run_hftk, tiny_recipe, write_recipe
+from tests.conftest import FAULTS, ROOT, accelerate_launch, loss_rows, losses, run_hftk, tiny_recipe, write_recipe
 
-FAULTS = f"{ROOT / 'tests' / 'faults'}:{ROOT}"
 RECIPE = ROOT / "recipes" / "summarize.yaml"
 STEPS = 60
 # Logged every 10 steps: the step-60 row is the mean of steps 51-60, not one batch's noise.
@@ -66,7 +65,7 @@ def test_compressed_training_stays_within_5_percent_of_plain_ddp(hook, runs):
 @pytest.mark.parametrize("hook", sorted(HOOKS))
 def test_killed_run_resumes_bit_identical(hook, runs, tmp_path):
     overrides = [f"parallel.comm_hook={hook}", *HOOKS[hook]]
-    killed = bundled_run(tmp_path, "run", *overrides, env={"HFTK_FAULT": "step:30", "PYTHONPATH": FAULTS})
+    killed = bundled_run(tmp_path, "run", *overrides, env={"HFTK_FAULT": "step:30", "PYTHONPATH": f"{FAULTS}:{ROOT}"})
     assert killed.returncode != 0
     assert not (tmp_path / "run" / "checkpoint-40").exists()
     resumed = bundled_run(tmp_path, "run", *overrides, "train.resume_from_checkpoint=latest")

@@ -9,9 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, accelerate_launch, digest, losses, results, run_hftk, tiny_recipe, write_recipe
-
-FAULTS = str(ROOT / "tests" / "faults")
+from tests.conftest import FAULTS, ROOT, accelerate_launch, digest, losses, results, run_hftk, tiny_recipe, write_recipe
 
 BASES = {
     "t5": {"model_type": "t5", "d_model": 32, "d_kv": 8, "num_heads": 4, "d_ff": 64, "num_layers": 1,

@@ -7,9 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest import ROOT, run_hftk, tiny_recipe, write_recipe
-
-FAULTS = str(ROOT / "tests" / "faults")
+from tests.conftest import FAULTS, ROOT, run_hftk, tiny_recipe, write_recipe
 
 
 def _scalars(folder, tag):

@@ -41,17 +41,21 @@ def world_of_one(tmp_path_factory):
     dist.destroy_process_group()
 
 
-@pytest.fixture
-def model() -> torch.nn.Module:
+def parameters(sizes: tuple[int, ...] = SIZES) -> torch.nn.Module:
     module = torch.nn.Module()
-    for i, size in enumerate(SIZES):
+    for i, size in enumerate(sizes):
         module.register_parameter(f"p{i}", torch.nn.Parameter(torch.zeros(size)))
     return module
 
 
-def gradients(seed: int) -> list[torch.Tensor]:
+@pytest.fixture
+def model() -> torch.nn.Module:
+    return parameters()
+
+
+def gradients(seed: int, sizes: tuple[int, ...] = SIZES) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
-    return [torch.randn(size, generator=generator) for size in SIZES]
+    return [torch.randn(size, generator=generator) for size in sizes]
 
 
 def step(state: comm_hooks.ErrorFeedback, model: torch.nn.Module, grads: list[torch.Tensor],
@@ -70,7 +74,7 @@ def step(state: comm_hooks.ErrorFeedback, model: torch.nn.Module, grads: list[to
         averaged = comm_hooks.topk_hook(state, bucket).wait()
     finally:
         dist.all_gather = original
-    return list(averaged.split(SIZES))
+    return list(averaged.split([g.numel() for g in grads]))
 
 
 def test_bitmaps_round_trip():
@@ -83,23 +87,25 @@ def test_positions_take_the_smaller_form():
     assert comm_hooks.topk_uses_bitmap(comm_hooks.topk_count(0.3, 1000), 1000)  # 125 bytes < 1,200
 
 
-def test_topk_sends_the_largest_entries_and_keeps_the_rest(world_of_one, model):
-    state = comm_hooks.ErrorFeedback(model, topk_ratio=0.01, start_iter=0)
-    first = gradients(1)
+@pytest.mark.parametrize(("ratio", "sizes"), [(0.01, SIZES), (0.3, SIZES), (0.01, (1000,))],
+                         ids=["int32-and-bitmaps", "bitmaps", "int32"])
+def test_topk_sends_the_largest_entries_and_keeps_the_rest(world_of_one, ratio, sizes):
+    model = parameters(sizes)
+    state = comm_hooks.ErrorFeedback(model, topk_ratio=ratio, start_iter=0)
+    first = gradients(1, sizes)
     averaged = step(state, model, first)
-    for gradient, result, size, position in zip(first, averaged, SIZES, range(3)):
-        k = comm_hooks.topk_count(0.01, size)
-        chosen = gradient.abs().topk(k).indices
-        expected = torch.zeros(size).index_copy_(0, chosen, gradient[chosen].to(torch.bfloat16).float())
+    for position, (gradient, result) in enumerate(zip(first, averaged)):
+        chosen = gradient.abs().topk(comm_hooks.topk_count(ratio, gradient.numel())).indices
+        expected = torch.zeros_like(gradient).index_copy_(0, chosen, gradient[chosen].to(torch.bfloat16).float())
         assert torch.equal(result, expected)  # a world of one: the average is what this process sent
         assert torch.equal(result + state.residuals[position], gradient)  # nothing lost, rounding included
     # The next step chooses among gradient + residual.
-    second = gradients(2)
+    second = gradients(2, sizes)
     corrected = [g + state.residuals[i] for i, g in enumerate(second)]
     averaged = step(state, model, second)
-    for i, (target, result) in enumerate(zip(corrected, averaged)):
-        assert torch.equal(result + state.residuals[i], target)
-        assert torch.count_nonzero(result) == comm_hooks.topk_count(0.01, SIZES[i])
+    for position, (target, result) in enumerate(zip(corrected, averaged)):
+        assert torch.equal(result + state.residuals[position], target)
+        assert torch.count_nonzero(result) == comm_hooks.topk_count(ratio, target.numel())
 
 
 def test_warm_up_sends_plain_gradients_then_compresses(world_of_one, model):
