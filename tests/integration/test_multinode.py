@@ -1,8 +1,9 @@
 """Several machines through Accelerate's multi-node launch, proved with two launches on this
-machine over loopback (one process each): the same losses as one process at the same global
-batch, a checkpoint that resumes on one machine with 2 processes and, bit-identical, on 2 machines,
-a SIGTERM to one machine that stops both with a checkpoint, a launch line that forgets --multi_gpu
-refused, and a machine that never arrives bounded by the rendezvous timeout."""
+machine over loopback (one process each; two for FSDP2 x TP): the same losses as one process at
+the same global batch with DDP, every sharded config and FSDP2 x TP, a checkpoint that resumes on
+one machine with 2 processes and, bit-identical, on 2 machines, a SIGTERM to one machine that stops
+both with a checkpoint, a launch line that forgets --multi_gpu refused, and a machine that never
+arrives bounded by the rendezvous timeout."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ import pytest
 from hftk.checkpoint import MANIFEST
 from tests.conftest import FAULTS, ROOT, free_port, loss_rows, losses, wait_for_step, weights
 from tests.integration.test_parallel import STEPS, recipe_file, reference  # noqa: F401 (the one-process run, as a fixture)
+from tests.integration.test_tensor_parallel import GLOBAL_BATCH, one_process  # noqa: F401 (the one-process Llama run)
+from tests.integration.test_tensor_parallel import recipe_file as tp_recipe_file
 
 BATCH = 4  # per process: 2 machines x 1 process x 4 == 1 process x 8
 
@@ -31,10 +34,10 @@ def environment(tmp_path: Path) -> dict:
     return {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "ACCELERATE_USE_CPU": "false"}
 
 
-def machine_launch(rank: int, port: int, *flags: str) -> list[str]:
-    """What a user types on machine `rank` of 2 (README, "Several machines")."""
+def machine_launch(rank: int, port: int, *flags: str, processes: int = 2) -> list[str]:
+    """What a user types on machine `rank` of 2 (README, "Several machines"); `processes` in all."""
     return ["accelerate", "launch", *flags, "--num_machines", "2", "--machine_rank", str(rank),
-            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--num_processes", "2"]
+            "--main_process_ip", "127.0.0.1", "--main_process_port", str(port), "--num_processes", str(processes)]
 
 
 class Launch(NamedTuple):
@@ -43,13 +46,13 @@ class Launch(NamedTuple):
     process: subprocess.Popen
 
 
-def start_machines(tmp_path: Path, recipe: Path, *flags: str, env: dict | None = None) -> list[Launch]:
+def start_machines(tmp_path: Path, recipe: Path, *flags: str, env: dict | None = None, processes: int = 2) -> list[Launch]:
     """Both machines' launches at once, as on two nodes, each with its own log and its own process
     group (a scheduler signals one machine's launch and what it started)."""
     port = free_port()
     launches = []
     for rank in (0, 1):
-        command = [*machine_launch(rank, port, *flags), "-m", "hftk", "finetune", str(recipe)]
+        command = [*machine_launch(rank, port, *flags, processes=processes), "-m", "hftk", "finetune", str(recipe)]
         log = (tmp_path / f"machine{rank}.log").open("w+")
         process = subprocess.Popen(command, cwd=ROOT, env={**environment(tmp_path), **(env or {})}, stdout=log,
                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -68,8 +71,9 @@ def finish_machines(launches: list[Launch], timeout: int = 600) -> list[subproce
     return finished
 
 
-def launch_two_machines(tmp_path: Path, recipe: Path, *flags: str, timeout: int = 600) -> list[subprocess.CompletedProcess]:
-    return finish_machines(start_machines(tmp_path, recipe, *flags), timeout)
+def launch_two_machines(tmp_path: Path, recipe: Path, *flags: str, timeout: int = 600,
+                        processes: int = 2) -> list[subprocess.CompletedProcess]:
+    return finish_machines(start_machines(tmp_path, recipe, *flags, processes=processes), timeout)
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +114,21 @@ def test_sharded_strategies_across_two_machines_equal_one_process(config, refere
         assert "fully_shard over 2 processes" in runs[0].stderr
     else:  # each machine's process wrote its own ZeRO partition
         assert (tmp_path / "sharded" / "checkpoint-3" / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
+
+
+def test_fsdp_tp_across_two_machines_equal_one_process(one_process, tmp_path):  # noqa: F811
+    """fsdp_tp.yaml on 2 machines x 2 processes: each TP group is one machine's pair of processes
+    (transformers puts TP innermost in its mesh), FSDP2 shards across the machines."""
+    recipe = tp_recipe_file(tmp_path, "fsdp_tp", GLOBAL_BATCH // 2)
+    runs = launch_two_machines(tmp_path, recipe, "--config_file", str(ROOT / "accelerate_configs" / "fsdp_tp.yaml"),
+                               processes=4)
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-4000:]
+    assert "tensor parallel 2 x data shards 2" in runs[0].stderr and "on 4 process(es)" in runs[0].stderr
+    mine, theirs = losses(tmp_path / "fsdp_tp"), losses(one_process)
+    assert sorted(mine) == sorted(theirs)
+    for step in theirs:  # measured: 1.7e-7 relative
+        assert mine[step] == pytest.approx(theirs[step], rel=1e-4)
 
 
 def test_two_machine_checkpoint_resumes_on_one_machine(two_machines, tmp_path):
