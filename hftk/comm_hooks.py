@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from hftk.errors import UserError
 from hftk.recipe import ParallelSection
@@ -26,7 +27,7 @@ def check_supported(settings: ParallelSection, accelerator: Any, ddp: bool) -> N
 
 def register(model: Any, settings: ParallelSection) -> Any:
     """Registers the hook on a DDP module; returns the hook state to checkpoint (or None)."""
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
 
     if settings.comm_hook == "none":
         return None
@@ -38,10 +39,13 @@ def register(model: Any, settings: ParallelSection) -> Any:
         )
         model.register_comm_hook(state, powersgd_hook_in_order)
         return state
-    if settings.comm_hook in ("int8", "topk"):
-        state = (ErrorFeedback(model) if settings.comm_hook == "int8" else
-                 ErrorFeedback(model, settings.topk_ratio, settings.topk_start_iter))
-        model.register_comm_hook(state, int8_hook if settings.comm_hook == "int8" else topk_hook)
+    if settings.comm_hook == "int8":
+        state = ErrorFeedback(model)
+        model.register_comm_hook(state, int8_hook)
+        return state
+    if settings.comm_hook == "topk":
+        state = ErrorFeedback(model, settings.topk_ratio, settings.topk_start_iter)
+        model.register_comm_hook(state, topk_hook)
         return state
     hook = default_hooks.fp16_compress_hook if settings.comm_hook == "fp16" else bfloat16_all_reduce_hook
     model.register_comm_hook(None, hook)
@@ -206,8 +210,7 @@ def topk_hook(state: ErrorFeedback, bucket: dist.GradBucket) -> torch.futures.Fu
     most (benchmarks/RESULTS.md)."""
     buffer = bucket.buffer()
     if state.warming_up(bucket):
-        return dist.all_reduce(buffer.div_(dist.get_world_size()), async_op=True).get_future().then(
-            lambda future: future.value()[0])
+        return default_hooks.allreduce_hook(None, bucket)  # what DDP does with no hook
     listed, bitmaps, listed_values, bitmap_values = [], [], [], []
     # A bitmapped tensor's set bit at i (counting over the padded bitmaps) is bucket position i + shift.
     shifts, counts, offset, bit_offset = [], [], 0, 0

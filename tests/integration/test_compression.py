@@ -28,14 +28,13 @@ def recipe_path(tmp_path: Path, name: str) -> Path:
     return write_recipe(tmp_path, tiny_recipe(tmp_path, train=train), f"{name}.yaml")
 
 
+def ddp_finetune(*args: str, env: dict | None = None, timeout: int = 600):
+    return run_hftk("finetune", *args, launcher=accelerate_launch("ddp.yaml"), env={**ENV, **(env or {})},
+                    timeout=timeout)
+
+
 def bundled_run(tmp_path: Path, name: str, *overrides: str, env: dict | None = None):
-    return run_hftk("finetune", str(RECIPE), *TRAIN, f"train.output_dir={tmp_path / name}", *overrides,
-                    launcher=accelerate_launch("ddp.yaml"), env={**ENV, **(env or {})})
-
-
-def ddp_run(tmp_path: Path, name: str, *overrides: str, env: dict | None = None, timeout: int = 600):
-    return run_hftk("finetune", str(recipe_path(tmp_path, name)), *overrides,
-                    launcher=accelerate_launch("ddp.yaml"), env={**ENV, **(env or {})}, timeout=timeout)
+    return ddp_finetune(str(RECIPE), *TRAIN, f"train.output_dir={tmp_path / name}", *overrides, env=env)
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +86,8 @@ def test_powersgd_with_many_buckets_runs_in_order(tmp_path):
     over Gloo with many buckets that hung or aborted ("received data size doesn't match") within a few
     steps. Small buckets make the race likely. The hang is in Gloo's own thread, which ddp_timeout does
     not bound: the test's timeout does (the run takes about 30 s here)."""
-    run = ddp_run(tmp_path, "powersgd", "parallel.comm_hook=powersgd", "parallel.powersgd_start_iter=2",
-                  "train.ddp_bucket_cap_mb=0.01", timeout=240)
+    run = ddp_finetune(str(recipe_path(tmp_path, "powersgd")), "parallel.comm_hook=powersgd",
+                       "parallel.powersgd_start_iter=2", "train.ddp_bucket_cap_mb=0.01", timeout=240)
     assert run.returncode == 0, run.stderr[-4000:]
     compressed = losses(tmp_path / "powersgd")
     assert sorted(compressed) == list(range(10, STEPS + 1, 10))
