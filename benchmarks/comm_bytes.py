@@ -24,8 +24,10 @@ from pathlib import Path
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from hftk import comm_hooks, models
-from hftk.prepare import build_tokenizer, make_accelerator, make_loader, plan_inputs, tokenized
+from hftk import models
+from hftk.parallel import comm_hooks
+from hftk.preflight import plan_inputs
+from hftk.prepare import build_tokenizer, make_accelerator, make_loader, tokenized
 from hftk.recipe import load_recipe
 from hftk.train.loop import LoopParts, train_window
 from hftk.train.optim import build_optimizer, build_scheduler
@@ -84,8 +86,9 @@ def measure(recipe_path: str, hook: str, steps: int = STEPS, topk_ratio: float |
     else:
         comm_hooks.register(model, recipe.parallel)
     scheduler = build_scheduler(optimizer, recipe.train, steps)
-    parts = LoopParts(accelerator, model, optimizer, scheduler, loader, plan.encoding.family, steps, TrainState(),
-                      None, None, lambda: "", StopFlag(), NoProgress())
+    parts = LoopParts(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
+                      family=plan.encoding.family, total_steps=steps, state=TrainState(), metrics_log=None,
+                      evaluate=None, save=lambda: "", stop=StopFlag(), progress=NoProgress())
     per_step, losses, seconds = [], [], []
     batches = endless(loader)
     for _ in range(steps):

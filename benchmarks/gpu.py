@@ -223,8 +223,8 @@ def prepare(models: list[str], args: argparse.Namespace, work: Path, rows: int) 
 
 def dry_run(args: argparse.Namespace, work: Path) -> None:
     """Recipes on a few rows, validated by hftk (data, columns, model config built on the meta device)."""
+    from hftk.preflight import plan_finetune
     from hftk.recipe import load_recipe
-    from hftk.run import plan_finetune
 
     for model, recipe in prepare(args.models, args, work, rows=16).items():
         plan_finetune(load_recipe(recipe))

@@ -33,8 +33,11 @@ from typing import Any
 
 import torch
 
-from hftk import models, parallel
-from hftk.prepare import build_tokenizer, decoder_inputs_for, make_accelerator, make_loader, plan_inputs, tokenized
+from hftk import models
+from hftk.parallel import launch
+from hftk.parallel.strategies import strategy_for
+from hftk.preflight import plan_inputs
+from hftk.prepare import build_tokenizer, decoder_inputs_for, make_accelerator, make_loader, tokenized
 from hftk.recipe import load_recipe
 from hftk.train.loop import LoopParts, train_window
 from hftk.train.optim import build_optimizer, build_scheduler
@@ -98,19 +101,20 @@ def measure(recipe_path: str, steps: int) -> tuple[Any, dict]:
     recipe = load_recipe(recipe_path, ["train.output_dir=/tmp/hftk-model-states", f"train.max_steps={steps}"])
     plan = plan_inputs(recipe, ["train"])
     accelerator = make_accelerator(recipe.train)
-    strategy = parallel.strategy_for(recipe.parallel, accelerator, plan.config)
+    strategy = strategy_for(recipe.parallel, accelerator, plan.config)
     tokenizer = build_tokenizer(plan, accelerator)
     features = tokenized(plan, accelerator, tokenizer, "train", training=True)
-    with parallel.model_construction(accelerator):
+    with launch.model_construction(accelerator):
         model = models.build_model(recipe.model, plan.config, plan.encoding, tokenizer)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    parallel.apply_recipe_to_deepspeed(accelerator, recipe.train.max_grad_norm)
+    launch.apply_recipe_to_deepspeed(accelerator, recipe.train.max_grad_norm)
     collator = plan.task.collator(tokenizer, plan.encoding.family, decoder_inputs_for(model))
     loader = make_loader(features, collator, recipe.train.per_device_train_batch_size, True, recipe.train.seed)
     model, optimizer, loader = strategy.prepare(accelerator, model, lambda m: build_optimizer(m, recipe.train), loader)
     scheduler = build_scheduler(optimizer, recipe.train, steps)
-    parts = LoopParts(accelerator, model, optimizer, scheduler, loader, plan.encoding.family, steps, TrainState(),
-                      None, None, lambda: "", StopFlag(), NoProgress())
+    parts = LoopParts(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
+                      family=plan.encoding.family, total_steps=steps, state=TrainState(), metrics_log=None,
+                      evaluate=None, save=lambda: "", stop=StopFlag(), progress=NoProgress())
     # The object whose step() updates the weights: DeepSpeed's ZeRO optimizer (the engine steps it inside
     # accelerator.backward), else the torch optimizer inside Accelerate's wrapper.
     stepper = getattr(model, "optimizer", None) or getattr(optimizer, "optimizer", optimizer)

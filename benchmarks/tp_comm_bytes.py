@@ -8,7 +8,7 @@ launch's TensorParallelStrategy) and runs `--steps` optimizer steps through the 
 train_window. DTensor's collectives go through torch's functional collectives, which
 benchmarks/comm_bytes.py's wrapper of torch.distributed does not see; a TorchDispatchMode sees them
 (the same hook CommDebugMode uses) and adds up each one's input: the payload a process hands in, as
-hftk/scaling.py counts it (a reduce_scatter's whole input, an all_gather's own shard). Plain
+hftk/planning/scaling.py counts it (a reduce_scatter's whole input, an all_gather's own shard). Plain
 torch.distributed collectives (the token count, FSDP2's gathers) pass the same mode as c10d ops.
 Every process writes its rows, with each step's micro-batch shapes, to `--output` (rank 0) or beside it.
 """
@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from hftk import parallel
-from hftk.prepare import build_tokenizer, make_accelerator, plan_inputs, tokenized
+from hftk.parallel.strategies import strategy_for
+from hftk.preflight import plan_inputs
+from hftk.prepare import build_tokenizer, make_accelerator, tokenized
 from hftk.recipe import load_recipe
 from hftk.run import setup_training
 from hftk.train.loop import train_window
@@ -84,7 +85,7 @@ def measure(recipe_path: str, steps: int, overrides: tuple[str, ...]) -> tuple[l
     recipe = load_recipe(recipe_path, [*overrides, f"train.output_dir={output_dir}"])
     plan = plan_inputs(recipe, ["train"])
     accelerator = make_accelerator(recipe.train)
-    strategy = parallel.strategy_for(recipe.parallel, accelerator, plan.config)
+    strategy = strategy_for(recipe.parallel, accelerator, plan.config)
     tokenizer = build_tokenizer(plan, accelerator)
     features = tokenized(plan, accelerator, tokenizer, "train", training=True)
     parts, _, _ = setup_training(plan, accelerator, strategy, tokenizer, features, None)

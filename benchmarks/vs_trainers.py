@@ -58,7 +58,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(__file__).resolve().parent / "vs_trainers_worker.py"
 sys.path.insert(0, str(ROOT))
 
-from hftk.recipe import read_yaml
+from hftk.recipe_yaml import read_yaml
 
 RECIPES = {"summarization": "recipes/summarize.yaml", "translation": "recipes/translate.yaml",
            "decoder_only": "recipes/translate_gpt2.yaml", "extractive_qa": "recipes/extractive_qa.yaml"}

@@ -36,7 +36,8 @@ def synchronize() -> None:
 
 def make_initial(spec: dict) -> dict:
     from hftk import models
-    from hftk.prepare import build_tokenizer, make_accelerator, plan_inputs, tokenized
+    from hftk.preflight import plan_inputs
+    from hftk.prepare import build_tokenizer, make_accelerator, tokenized
     from hftk.recipe import load_recipe
     from hftk.train.optim import total_optimizer_steps
 
@@ -58,8 +59,9 @@ def time_hftk_eval(spec: dict) -> dict:
     """What finish() runs after training (evaluate_split on the validation split), on the saved model."""
     import transformers
 
-    from hftk.evaluate import evaluate_split
-    from hftk.prepare import eval_loader, make_accelerator, plan_inputs, tokenized
+    from hftk.eval_split import evaluate_split
+    from hftk.preflight import plan_inputs
+    from hftk.prepare import eval_loader, make_accelerator, tokenized
     from hftk.recipe import load_recipe
     from hftk.tokenizer import with_pad_token
 
@@ -79,7 +81,7 @@ def time_hftk_eval(spec: dict) -> dict:
 
 def batch_counts(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """[non-pad tokens, padded positions, all positions], counted as hftk's loop counts them
-    (hftk.train.loop.batch_tokens and hftk.train.objective.padding_counts)."""
+    (hftk.train.loop.batch_tokens and hftk.objective.padding_counts)."""
     mask = batch["attention_mask"]
     tokens, padded, total = mask.sum(), (mask == 0).sum(), torch.tensor(mask.numel(), device=mask.device)
     if "decoder_input_ids" in batch:
@@ -161,7 +163,7 @@ def training_arguments(recipe: Any, spec: dict, seq2seq: bool):
 def trainer_side(spec: dict, model_dir: str, train: bool) -> TrainerSide:
     import transformers
 
-    from hftk.prepare import plan_inputs
+    from hftk.preflight import plan_inputs
     from hftk.recipe import load_recipe
     from hftk.tokenizer import with_pad_token
 

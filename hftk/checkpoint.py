@@ -95,7 +95,7 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
 
 def _latest_intact(output_dir: Path) -> Path | None:
     """The newest checkpoint whose files are whole; a damaged newer one is named and passed over."""
-    from hftk.tracking import log
+    from hftk.logs import log
 
     found = complete_checkpoints(output_dir)
     damaged = []

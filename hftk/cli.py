@@ -50,7 +50,7 @@ def _guarded(action: Callable[[], object], quiet: bool = False, verbose: bool = 
     """Known endings (bad input 2, a run that cannot go on 1, preempted 75) print one line on stderr;
     anything else is a bug and keeps its traceback (exit 1)."""
     _offline_defaults()
-    from hftk.tracking import set_verbosity, setup_logging
+    from hftk.logs import set_verbosity, setup_logging
 
     try:
         set_verbosity(_verbosity(quiet, verbose))
@@ -104,7 +104,7 @@ def evaluate(
         if split not in {"train", "validation", "test"}:
             raise UserError(f"--split must be train, validation or test, not '{split}'")
         checked = load_recipe(recipe, overrides)
-        from hftk.evaluate import evaluate_saved
+        from hftk.eval_split import evaluate_saved
 
         results = evaluate_saved(checked, _expand_home(model), split, _expand_home(output_dir), prompt, temperature)
         if _is_main_process():
@@ -122,7 +122,7 @@ def validate(recipe: Path = RecipeArg, overrides: list[str] | None = OverridesAr
     from hftk.recipe import load_recipe
 
     def action():
-        from hftk.validation import validate as validate_recipe
+        from hftk.validate import validate as validate_recipe
 
         for line in validate_recipe(load_recipe(recipe, overrides), remember=not no_cache):
             typer.echo(line)
@@ -191,7 +191,7 @@ def plan(
 
         link = interconnect(bandwidth_gbps, latency_us, tflops)
         checked = load_recipe(recipe, overrides)  # a mistyped key shows before torch is imported
-        from hftk.planning import make_plan, print_plan, read_launch_config
+        from hftk.planning.planner import make_plan, print_plan, read_launch_config
 
         report = make_plan(checked, read_launch_config(config_file, num_processes), link, probe)
         if as_json:
@@ -204,7 +204,7 @@ def plan(
 
 def interconnect(bandwidth_gbps: float, latency_us: float, tflops: float):
     """The plan's network and device speed; nan and non-positive speeds are bad input."""
-    from hftk.scaling import Interconnect
+    from hftk.planning.scaling import Interconnect
 
     for flag, value in (("--bandwidth-gbps", bandwidth_gbps), ("--tflops", tflops)):
         if not 0 < value < float("inf"):

@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from hftk.errors import UserError
+from hftk.logs import log
 from hftk.recipe import DataSection, DataSource
 from hftk.tasks.base import EXAMPLE_INDEX, Task
 from hftk.tasks.squad_schema import flatten_nested_squad, is_nested_squad
-from hftk.tracking import log
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 # What the row check writes for each row.
@@ -219,8 +219,7 @@ def _load_all(task: Task, data: DataSection, keys: list[str]):
         if is_local(source):
             check_json_tail(dataset, Path(source.path), task.columns(data), f"data.{key}")
         dataset = check_split(dataset, task, data, key)
-        if hasattr(task, "repair"):  # tasks whose real-world data needs mending (QA answer offsets)
-            dataset = task.repair(dataset, data, f"data.{key}")
+        dataset = task.repair(dataset, data, f"data.{key}")  # real-world data mended (QA answer offsets)
         limit = data.max_train_samples if key == "train" else data.max_eval_samples
         yield key, (dataset.select(range(min(limit, len(dataset)))) if limit else dataset)
 

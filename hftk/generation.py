@@ -7,18 +7,9 @@ from typing import Any
 
 import torch
 
+from hftk.objective import logits_loss_sums
+from hftk.parallel.strategies import shards_parameters
 from hftk.tasks.base import DECODER_ONLY, ENCODER_DECODER
-
-
-def needs_synced_generation(accelerator: Any, model: Any) -> bool:
-    """With sharded parameters (ZeRO-3, FSDP) every process must run as many forward passes as the
-    slowest one while generating, or the parameter all-gathers deadlock."""
-    if accelerator.num_processes == 1:
-        return False
-    from torch.distributed.fsdp import FSDPModule
-
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    return bool(plugin and plugin.zero_stage == 3) or isinstance(model, FSDPModule) or accelerator.is_fsdp2
 
 
 def prompt_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -40,7 +31,7 @@ def generate(accelerator: Any, model: Any, batch: dict[str, torch.Tensor], famil
     extra = {} if encoder_outputs is None else {"encoder_outputs": encoder_outputs}
     output = model.generate(
         **inputs, **extra, max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams, do_sample=False,
-        pad_token_id=tokenizer.pad_token_id, synced_gpus=needs_synced_generation(accelerator, model),
+        pad_token_id=tokenizer.pad_token_id, synced_gpus=shards_parameters(accelerator, model),
     )
     if family == DECODER_ONLY:
         output = output[:, inputs["input_ids"].shape[1]:]  # keep only the continuation
@@ -50,15 +41,13 @@ def generate(accelerator: Any, model: Any, batch: dict[str, torch.Tensor], famil
 def shares_encoder_run(accelerator: Any, model: Any, family: str) -> bool:
     """Whether the encoder can run once for both the loss and generate(). Sharded strategies keep the
     plain path: their parameter gathering hangs off the wrapped model's own forward."""
-    return family == ENCODER_DECODER and not needs_synced_generation(accelerator, model) and \
+    return family == ENCODER_DECODER and not shards_parameters(accelerator, model) and \
         hasattr(accelerator.unwrap_model(model), "get_encoder")
 
 
 def losses_and_generate(accelerator: Any, model: Any, batch: dict[str, torch.Tensor], settings: Any,
                         tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Encoder-decoder evaluation with one encoder run: (summed loss per example, generated ids)."""
-    from hftk.train.objective import logits_loss_sums
-
     unwrapped = accelerator.unwrap_model(model)
     encoder_outputs = unwrapped.get_encoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     logits = unwrapped(encoder_outputs=encoder_outputs, attention_mask=batch["attention_mask"],

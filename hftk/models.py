@@ -359,3 +359,8 @@ def _reason(err: BaseException) -> str:
         return type(err).__name__
     last = lines[-1] if lines[0].endswith(":") else lines[0]
     return re.sub(r"^[A-Za-z]*(Error|Exception): ", "", last)
+
+
+def first_size(config: Any, *names: str) -> int:
+    """The first of these config fields that is set (families name the same size differently), or 0."""
+    return next((int(getattr(config, n)) for n in names if getattr(config, n, None)), 0)

@@ -1,49 +1,18 @@
-"""What every command assembles from a checked recipe: the input checks (the plan), the
-accelerator, the tokenizer and the loaders. Nothing here trains or writes a run."""
+"""What every command assembles from a checked plan (hftk.preflight): the accelerator, the tokenizer,
+the tokenized splits and the loaders. Nothing here trains or writes a run."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 
-from hftk import data, metrics, models, parallel, tensor_parallel
-from hftk.recipe import Recipe, TrainSection
-from hftk.tasks import get_task
-from hftk.tasks.base import Encoding, Task
-from hftk.tracking import import_deepspeed_quietly, setup_logging
-
-
-@dataclass
-class Plan:
-    """Everything learned from the inputs before any model is loaded."""
-
-    recipe: Recipe
-    task: Task
-    config: Any
-    encoding: Encoding
-    splits: dict[str, datasets.Dataset]
-    resume_from: Path | None = None
-    train_digest: str | None = None  # what the training rows were, kept in every checkpoint
-    adapter: Any = None  # adapters.AdapterPlan when the recipe trains a LoRA adapter
-
-
-def plan_inputs(recipe: Recipe, split_keys: list[str], model_dir: str | None = None) -> Plan:
-    task = get_task(recipe.task)
-    metrics.check_metric_source(recipe.eval.metric_source)
-    splits = data.load_checked(task, recipe.data, split_keys)
-    model_section = recipe.model if model_dir is None else recipe.model.model_copy(
-        update={"name_or_path": model_dir, "config": None, "tokenizer": None})
-    config = models.resolve_config(model_section)
-    encoding = models.pick_encoding(task, config)
-    target_length = recipe.data.max_target_length if getattr(task, "uses_target_length", True) else 0
-    models.check_lengths(config, encoding.family, recipe.data.max_source_length, target_length)
-    models.check_kernel(model_section, config, encoding)
-    if recipe.train.packing:
-        models.check_packing(model_section, config, encoding.family)
-    return Plan(recipe, task, config, encoding, splits)
+from hftk import data
+from hftk.logs import import_deepspeed_quietly, setup_logging
+from hftk.parallel import launch, tensor_parallel
+from hftk.preflight import Plan
+from hftk.recipe import TrainSection
 
 
 def make_accelerator(settings: TrainSection, trackers: list[str] | None = None):
@@ -51,30 +20,27 @@ def make_accelerator(settings: TrainSection, trackers: list[str] | None = None):
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
-    from hftk.trackers import LOGGING_DIR
+    from hftk.experiment_trackers import LOGGING_DIR
 
-    parallel.launch_problems(settings.bf16)
+    launch.launch_problems(settings.bf16)
     tensor_parallel.requested()  # bad sizes are bad input, found before the process group starts
     tensor_parallel.keep_accelerate_out()
     project = ProjectConfiguration(project_dir=settings.output_dir,
                                    logging_dir=str(Path(settings.output_dir) / LOGGING_DIR))
     # train.bf16 wins over the launcher's mixed_precision; unset, the launcher (or accelerate config) decides.
-    accelerator = Accelerator(cpu=parallel.cpu_processes(), mixed_precision="bf16" if settings.bf16 else None,
+    accelerator = Accelerator(cpu=launch.cpu_processes(), mixed_precision="bf16" if settings.bf16 else None,
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-                              kwargs_handlers=[*parallel.process_group_kwargs(settings.ddp_timeout),
-                                               *parallel.ddp_kwargs(settings.ddp_bucket_cap_mb)],
+                              kwargs_handlers=[*launch.process_group_kwargs(settings.ddp_timeout),
+                                               *launch.ddp_kwargs(settings.ddp_bucket_cap_mb)],
                               log_with=trackers or None, project_config=project)
-    parallel.check_world(accelerator)
+    launch.check_world(accelerator)
     set_seed(settings.seed)
     setup_logging(accelerator.is_main_process)
     return accelerator
 
 
 def build_tokenizer(plan: Plan, accelerator: Any) -> Any:
-    tokenizer = _raw_tokenizer(plan, accelerator)
-    if hasattr(plan.task, "prepare_tokenizer"):  # e.g. a chat template for dialogue
-        tokenizer = plan.task.prepare_tokenizer(tokenizer)
-    return tokenizer
+    return plan.task.prepare_tokenizer(_raw_tokenizer(plan, accelerator))  # e.g. a chat template for dialogue
 
 
 def _raw_tokenizer(plan: Plan, accelerator: Any) -> Any:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from hftk.errors import UserError
-from hftk.tracking import METRICS_FILE
+from hftk.logs import METRICS_FILE
 
 CURVES_FILE = "training_curves.png"
 RESULTS_FILE = "all_results.json"

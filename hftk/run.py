@@ -10,55 +10,34 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hftk import adapters, checkpoint, hub, models, parallel, run_dir
+from hftk import adapters, checkpoint, hub, models, run_dir
 from hftk.errors import RunError
-from hftk.evaluate import evaluate_split, write_jsonl
+from hftk.eval_split import evaluate_split, write_jsonl
+from hftk.experiment_trackers import log_row, start_trackers
+from hftk.logs import MetricsLog, attach_log_file, log
+from hftk.parallel import launch
+from hftk.parallel.strategies import Strategy, strategy_for
+from hftk.preflight import Plan, plan_finetune
 from hftk.prepare import (
-    Plan,
     build_tokenizer,
     eval_loader,
     make_accelerator,
-    plan_inputs,
     tokenized,
     train_collator,
     train_loader,
 )
 from hftk.recipe import Recipe
 from hftk.report import write_training_curves
-from hftk.trackers import log_row, start_trackers
-from hftk.tracking import MetricsLog, attach_log_file, log
 from hftk.train.best import best_figures, record_evaluation
-from hftk.validation import check_surroundings
-
-
-def plan_finetune(recipe: Recipe, notes: list[str] | None = None) -> Plan:
-    """Every check finetune makes before it loads a model. With `notes` (validate), what finetune would
-    refuse to do with an existing output_dir is noted there instead of raised: the recipe itself is fine."""
-    resume_from = check_surroundings(recipe, notes)
-    plan = check_inputs(recipe)
-    if resume_from is not None:
-        checkpoint.check_compatible(resume_from, recipe, plan.train_digest)
-    plan.resume_from = resume_from
-    return plan
-
-
-def check_inputs(recipe: Recipe) -> Plan:
-    """The checks that read the data and the model config: every row, the columns, the model built on the
-    meta device, the adapter's target modules. Their answer depends only on the recipe, the files it names
-    and the installed libraries (hftk validate remembers it)."""
-    plan = plan_inputs(recipe, ["train", "validation"])
-    plan.train_digest = checkpoint.train_data_digest(recipe.data.train, plan.splits["train"])
-    plan.adapter = adapters.plan_adapter(recipe.lora, plan.config, plan.encoding.auto_class)
-    return plan
+from hftk.train.loop import LoopParts, train
 
 
 def finetune(recipe: Recipe) -> dict[str, Any]:
     """plan (every check) -> tokenizer and data -> output dir -> model and loop -> train -> finish."""
-    from hftk.train.loop import train
 
     plan = plan_finetune(recipe)
     accelerator = make_accelerator(recipe.train, list(recipe.train.report_to))
-    strategy = parallel.strategy_for(recipe.parallel, accelerator, plan.config)
+    strategy = strategy_for(recipe.parallel, accelerator, plan.config)
     tokenizer = build_tokenizer(plan, accelerator)
     # Tokenize before anything is written: rows that cannot be encoded are bad input too.
     train_features = tokenized(plan, accelerator, tokenizer, "train", training=True)
@@ -94,13 +73,12 @@ def _latest(output_dir: str) -> str | None:
     return str(latest) if latest else None
 
 
-def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, train_features: Any,
+def setup_training(plan: Plan, accelerator: Any, strategy: Strategy, tokenizer: Any, train_features: Any,
                    validation_features: Any):
     """Model, optimizer, loaders and schedule, prepared for the strategy and restored on resume.
     Returns the loop's parts, the validation evaluation (results, prediction rows) or None, and the
     trainable and total parameter counts."""
     from hftk.train import fast_dropout
-    from hftk.train.loop import LoopParts
     from hftk.train.mfu import flop_counter, peak_flops, training_dtype
     from hftk.train.optim import build_optimizer, build_scheduler, total_optimizer_steps
     from hftk.train.preemption import StopFlag
@@ -109,7 +87,7 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, 
 
     recipe, settings = plan.recipe, plan.recipe.train
     output_dir = Path(settings.output_dir)
-    with parallel.model_construction(accelerator):
+    with launch.model_construction(accelerator):
         model = models.build_model(recipe.model, plan.config, plan.encoding, tokenizer,
                                    adapters.quantized_loading(recipe.lora, accelerator.device))
     if plan.adapter is not None:  # before prepare(): DDP and the optimizer see only what trains
@@ -120,7 +98,7 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, 
     flops = flop_counter(model, plan.encoding.family)  # before sharding: every process counts the whole model
     log.info(f"trainable parameters: {sizes['trainable_parameters']:,} of {sizes['total_parameters']:,} "
              f"({sizes['trainable_parameters'] / max(sizes['total_parameters'], 1):.2%})")
-    parallel.apply_recipe_to_deepspeed(accelerator, settings.max_grad_norm)
+    launch.apply_recipe_to_deepspeed(accelerator, settings.max_grad_norm)
     loader = train_loader(plan, train_features, train_collator(plan, tokenizer, model),
                           strategy.data_processes(accelerator))
     model, optimizer, loader = strategy.prepare(accelerator, model, lambda m: build_optimizer(m, settings), loader)
@@ -154,14 +132,15 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Any, tokenizer: Any, 
             keep_step=state.best_step if settings.load_best_model_at_end else None))
 
     progress = start_progress(accelerator.is_main_process, total_steps, state.optimizer_step)
-    parts = LoopParts(accelerator, model, optimizer, scheduler, loader, plan.encoding.family, total_steps, state,
-                      metrics_log, evaluate and (lambda: evaluate()[0]), save, StopFlag().install(), progress,
-                      counts_tokens=getattr(strategy, "counts_tokens", True), flops=flops,
+    parts = LoopParts(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,
+                      family=plan.encoding.family, total_steps=total_steps, state=state, metrics_log=metrics_log,
+                      evaluate=evaluate and (lambda: evaluate()[0]), save=save, stop=StopFlag().install(),
+                      progress=progress, counts_tokens=strategy.counts_tokens, flops=flops,
                       peak_flops=peak_flops(accelerator.device, training_dtype(accelerator)))
     return parts, evaluate, sizes
 
 
-def finish(plan: Plan, parts: Any, strategy: Any, tokenizer: Any, train_results: dict,
+def finish(plan: Plan, parts: LoopParts, strategy: Strategy, tokenizer: Any, train_results: dict,
            evaluate: Any) -> dict[str, Any]:
     """The final checkpoint, the last evaluation, the best checkpoint's weights where asked, the whole
     model, results and the model card."""
@@ -210,7 +189,7 @@ def finish(plan: Plan, parts: Any, strategy: Any, tokenizer: Any, train_results:
     return results
 
 
-def restore_best(parts: Any, strategy: Any, settings: Any) -> None:
+def restore_best(parts: LoopParts, strategy: Strategy, settings: Any) -> None:
     """Load the best checkpoint's weights; the loop's own position stays that of the end of training."""
     state = parts.state
     folder = checkpoint.checkpoint_at(Path(settings.output_dir), state.best_step)

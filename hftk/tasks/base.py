@@ -22,6 +22,10 @@ EXAMPLE_INDEX = "example_idx"
 # Label positions the loss skips (prompt, padding), as transformers and torch name it.
 IGNORE_INDEX = -100
 
+# Batch key: 1 where a packed row holds an example's token, 0 on padding. Never a model input: the
+# model must see no attention mask, or it would not look for example boundaries.
+TOKEN_MASK = "token_mask"
+
 
 @dataclass(frozen=True)
 class Encoding:
@@ -33,6 +37,7 @@ class Encoding:
 
 class Task(Protocol):
     name: str
+    uses_target_length: bool  # False where data.max_target_length bounds nothing (text_generation's blocks)
 
     def encodings(self) -> dict[str, Encoding]:
         """The model families this task supports, with the Auto class each uses."""
@@ -50,8 +55,14 @@ class Task(Protocol):
     def source_label(self, data: DataSection) -> str:
         """What has_source looks at, for the message when no row has any ("'document'")."""
 
+    def repair(self, dataset: Any, data: DataSection, where: str) -> Any:
+        """The checked split with what real-world data gets wrong mended (QA answer offsets), logged."""
+
     def texts(self, rows: dict[str, list[Any]], data: DataSection) -> Iterable[str]:
         """Raw text to train a scratch tokenizer on."""
+
+    def prepare_tokenizer(self, tokenizer: Any) -> Any:
+        """The tokenizer as this task needs it (a chat template for dialogue)."""
 
     def preprocess(
         self, rows: dict[str, list[Any]], tokenizer: Any, data: DataSection, family: str, training: bool,
@@ -76,6 +87,18 @@ class Task(Protocol):
 
     def compute_metrics(self, predictions: list[str], references: list[Any], source: str) -> dict[str, float]:
         """Metric values named as `evaluate` names them, without the eval_ prefix."""
+
+
+class TaskDefaults:
+    """What most tasks do for the optional hooks of Task; a task overrides what it needs."""
+
+    uses_target_length = True
+
+    def repair(self, dataset: Any, data: DataSection, where: str) -> Any:
+        return dataset
+
+    def prepare_tokenizer(self, tokenizer: Any) -> Any:
+        return tokenizer
 
 
 def text_problem(column: str, value: Any) -> str | None:

@@ -13,7 +13,7 @@ from typing import Any
 from hftk import metrics
 from hftk.errors import UserError
 from hftk.recipe import DataSection
-from hftk.tasks.base import DECODER_ONLY, IGNORE_INDEX, has_text
+from hftk.tasks.base import DECODER_ONLY, IGNORE_INDEX, TaskDefaults, has_text
 from hftk.tasks.text_to_text import (
     TEXT_TO_TEXT_ENCODINGS,
     TextToTextCollator,
@@ -30,7 +30,7 @@ CHAT_TEMPLATE = (
 )
 
 
-class Dialogue:
+class Dialogue(TaskDefaults):
     name = "dialogue"
 
     def encodings(self):

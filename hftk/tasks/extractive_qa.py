@@ -16,11 +16,11 @@ import torch
 
 from hftk import metrics
 from hftk.errors import UserError
+from hftk.logs import log
 from hftk.recipe import DataSection
 from hftk.tasks.base import ENCODER_ONLY, EXAMPLE_INDEX, Encoding
 from hftk.tasks.squad_schema import SquadRows, answer_texts, qa_columns, repair_answer_starts
 from hftk.tasks.text_to_text import pad
-from hftk.tracking import log
 
 N_BEST = 20
 MAX_ANSWER_TOKENS = 30
@@ -96,7 +96,7 @@ class ExtractiveQA(SquadRows):
 
     def predict(self, accelerator: Any, model: Any, batch: dict[str, torch.Tensor], tokenizer: Any,
                 settings: Any, family: str) -> dict[str, torch.Tensor]:
-        from hftk.train.objective import model_inputs, span_loss_of
+        from hftk.objective import model_inputs, span_loss_of
 
         outputs = model(**model_inputs(batch))
         logits = torch.stack([outputs.start_logits, outputs.end_logits], dim=1).float()

@@ -11,7 +11,7 @@ from typing import Any
 
 from hftk.errors import UserError
 from hftk.recipe import DataSection
-from hftk.tasks.base import first_problem, has_text, text_problem
+from hftk.tasks.base import TaskDefaults, first_problem, has_text, text_problem
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def _occurrences(context: str, text: str):
         start = context.find(text, start + 1)
 
 
-class SquadRows:
+class SquadRows(TaskDefaults):
     """The columns and row checks every task on SQuAD-schema rows shares (extractive and generative QA)."""
 
     def columns(self, data: DataSection) -> list[str]:

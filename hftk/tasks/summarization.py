@@ -7,7 +7,7 @@ from typing import Any
 
 from hftk import metrics
 from hftk.recipe import DataSection
-from hftk.tasks.base import DECODER_ONLY, first_problem, has_text, text_problem
+from hftk.tasks.base import DECODER_ONLY, TaskDefaults, first_problem, has_text, text_problem
 from hftk.tasks.text_to_text import (
     TEXT_TO_TEXT_ENCODINGS,
     PromptParts,
@@ -21,7 +21,7 @@ from hftk.tasks.text_to_text import (
 PROMPT_CUE = "\nSummary:"
 
 
-class Summarization:
+class Summarization(TaskDefaults):
     name = "summarization"
 
     def encodings(self):

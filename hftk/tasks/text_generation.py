@@ -7,11 +7,11 @@ from collections.abc import Callable
 from typing import Any
 
 from hftk.recipe import DataSection
-from hftk.tasks.base import DECODER_ONLY, EXAMPLE_INDEX, Encoding, has_text, text_problem
+from hftk.tasks.base import DECODER_ONLY, EXAMPLE_INDEX, Encoding, TaskDefaults, has_text, text_problem
 from hftk.tasks.text_to_text import TextToTextCollator
 
 
-class TextGeneration:
+class TextGeneration(TaskDefaults):
     name = "text_generation"
     uses_target_length = False  # blocks of max_source_length tokens; no separate target
 

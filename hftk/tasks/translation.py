@@ -9,7 +9,7 @@ from typing import Any
 from hftk import metrics
 from hftk.errors import UserError
 from hftk.recipe import DataSection
-from hftk.tasks.base import DECODER_ONLY, first_problem, has_text, text_problem
+from hftk.tasks.base import DECODER_ONLY, TaskDefaults, first_problem, has_text, text_problem
 from hftk.tasks.text_to_text import (
     TEXT_TO_TEXT_ENCODINGS,
     PromptParts,
@@ -28,7 +28,7 @@ def language_name(code: str) -> str:
     return LANGUAGE_NAMES.get(code, code)
 
 
-class Translation:
+class Translation(TaskDefaults):
     name = "translation"
 
     def encodings(self):

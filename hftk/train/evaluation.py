@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
+from hftk.objective import token_counts, token_loss_sums, without_index
 from hftk.recipe import EvalSection
 from hftk.tasks.base import EXAMPLE_INDEX
-from hftk.train.objective import token_counts, token_loss_sums, without_index
 from hftk.train.progress import evaluation_progress
 
 

@@ -16,18 +16,20 @@ import torch
 from accelerate import skip_first_batches
 
 from hftk.errors import Preempted, RunError
+from hftk.logs import MetricsLog, log
+from hftk.objective import padding_counts, token_counts, token_loss_sums, token_mask
 from hftk.recipe import TrainSection
 from hftk.tasks.base import IGNORE_INDEX
-from hftk.tracking import MetricsLog, log
 from hftk.train.best import patience_ran_out, record_evaluation
-from hftk.train.objective import padding_counts, token_counts, token_loss_sums, token_mask
 from hftk.train.preemption import StopFlag
 from hftk.train.progress import NoProgress
 from hftk.train.state import TrainState
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LoopParts:
+    """What the loop is handed: built with keywords, since most fields share a type."""
+
     accelerator: Any
     model: Any
     optimizer: Any

@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from hftk.planning import first_size
+from hftk.models import first_size
+from hftk.objective import token_mask
 from hftk.tasks.base import DECODER_ONLY, ENCODER_DECODER, IGNORE_INDEX
-from hftk.train.objective import token_mask
 
 # Dense bf16 / fp16 tensor-core peaks (fp32 peaks are far lower and come from the probe).
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "V100": 125.0}

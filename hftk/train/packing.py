@@ -18,17 +18,13 @@ from typing import Any
 import torch
 
 from hftk.recipe import DataSection
-from hftk.tasks.base import IGNORE_INDEX
-
-# Batch key: 1 where a packed row holds an example's token, 0 on padding. Never a model input: the
-# model must see no attention mask, or it would not look for example boundaries.
-TOKEN_MASK = "token_mask"
+from hftk.tasks.base import IGNORE_INDEX, TOKEN_MASK
 
 
 def block_length(task: Any, data: DataSection) -> int:
     """The longest sequence one decoder-only example of the task can be: prompt plus target, or a
     text_generation block."""
-    return data.max_source_length + (data.max_target_length if getattr(task, "uses_target_length", True) else 0)
+    return data.max_source_length + (data.max_target_length if task.uses_target_length else 0)
 
 
 # Row lengths tried per batch, evenly spaced from its longest example to the block length.

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from hftk.tracking import log
+from hftk.logs import log
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

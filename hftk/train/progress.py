@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from hftk.tracking import progress_console
+from hftk.logs import progress_console
 
 _live: TrainProgress | None = None  # rich draws one live display at a time: evaluation joins this one
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hftk.planning import PRECISIONS, model_state_memory, read_launch_config
+from hftk.planning.planner import PRECISIONS, model_state_memory, read_launch_config
 from tests.conftest import ROOT, accelerate_launch, run_hftk, tiny_recipe, write_recipe
 
 

@@ -11,7 +11,7 @@ import subprocess
 
 import pytest
 
-from hftk.scaling import Collective, ring_seconds, ring_wire_bytes
+from hftk.planning.scaling import Collective, ring_seconds, ring_wire_bytes
 from tests.conftest import ROOT, accelerate_launch, run_hftk, tiny_recipe, write_recipe
 
 HOOKS = ("none", "fp16", "int8", "topk")

@@ -72,7 +72,7 @@ def test_a_family_without_a_plan_has_no_tp_rows():
 @pytest.mark.parametrize("config, strategy, data_processes", [("tp.yaml", "tp", 1), ("fsdp_tp.yaml", "fsdp_tp", 2)])
 def test_tp_launch_config(config, strategy, data_processes):
     from hftk.errors import UserError
-    from hftk.planning import read_launch_config
+    from hftk.planning.planner import read_launch_config
 
     path = ROOT / "accelerate_configs" / config
     shape = read_launch_config(path, None)
@@ -83,7 +83,7 @@ def test_tp_launch_config(config, strategy, data_processes):
 
 
 def test_tp_rows_only_where_the_layout_fits():
-    from hftk.scaling import TensorParallelLayout, TensorParallelRun, TpLayer, tp_layouts
+    from hftk.planning.scaling import TensorParallelLayout, TensorParallelRun, TpLayer, tp_layouts
 
     layout = TensorParallelLayout([TpLayer("rowwise", 8, 8)], [], [False], heads=4)
     rows = tp_layouts(TensorParallelRun(layout, 2, 100.0, clips=False), (1, 2, 8, 64))

@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from hftk import comm_hooks
+from hftk.parallel import comm_hooks
+from hftk.planning.scaling import TensorShape, ddp_collectives
 from hftk.recipe import ParallelSection
-from hftk.scaling import TensorShape, ddp_collectives
 
 # At 1%: 1,000 entries send 10 (int32 positions, 40 bytes, beat a 125-byte bitmap); 8 and 3 entries
 # send 1 each (a 1-byte bitmap beats 4 bytes of position).

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hftk.preflight import plan_finetune
 from hftk.recipe import load_recipe
-from hftk.run import plan_finetune
 from tests.conftest import ROOT
 
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

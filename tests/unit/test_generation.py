@@ -8,11 +8,11 @@ from accelerate import Accelerator
 from transformers import T5Config, T5ForConditionalGeneration
 
 from hftk.generation import generate, shares_encoder_run
+from hftk.objective import token_loss_sums
 from hftk.recipe import EvalSection
 from hftk.tasks import get_task
 from hftk.tasks.base import ENCODER_DECODER
 from hftk.tasks.text_to_text import predict_by_generation
-from hftk.train.objective import token_loss_sums
 
 
 class Tokenizer:

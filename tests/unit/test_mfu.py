@@ -17,9 +17,9 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
+from hftk.objective import token_loss_sums
 from hftk.tasks.base import DECODER_ONLY, ENCODER_DECODER, ENCODER_ONLY
 from hftk.train.mfu import flop_counter, peak_flops
-from hftk.train.objective import token_loss_sums
 
 B, S, T = 4, 48, 16
 

@@ -12,12 +12,12 @@ import transformers
 
 from hftk.errors import UserError
 from hftk.models import PACKING_FAMILIES, check_packing
+from hftk.objective import model_inputs, padding_counts, token_counts, token_loss_sums
 from hftk.recipe import ModelSection
-from hftk.tasks.base import DECODER_ONLY, ENCODER_DECODER, IGNORE_INDEX
+from hftk.tasks.base import DECODER_ONLY, ENCODER_DECODER, IGNORE_INDEX, TOKEN_MASK
 from hftk.tasks.text_to_text import TextToTextCollator
 from hftk.train.mfu import squared_lengths
-from hftk.train.objective import model_inputs, padding_counts, token_counts, token_loss_sums
-from hftk.train.packing import TOKEN_MASK, PackedCollator, first_fit, pack
+from hftk.train.packing import PackedCollator, first_fit, pack
 
 VOCAB = 64
 LLAMA_LIKE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,

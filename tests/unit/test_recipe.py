@@ -8,7 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from hftk.errors import UserError
-from hftk.recipe import MAX_YAML_VALUES, load_recipe, parse_overrides, read_yaml, validate_recipe
+from hftk.recipe import load_recipe, validate_recipe
+from hftk.recipe_yaml import MAX_YAML_VALUES, parse_overrides, read_yaml
 from tests.conftest import tiny_recipe, write_recipe
 
 

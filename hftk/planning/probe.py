@@ -22,10 +22,10 @@ def probe_steps(plan: Any, tokenizer: Any, features: Any, steps: int, total_step
     import torch
 
     from hftk import adapters, models
+    from hftk.objective import token_counts, token_loss_sums
     from hftk.prepare import train_collator, train_loader
     from hftk.train import fast_dropout
     from hftk.train.loop import windows
-    from hftk.train.objective import token_counts, token_loss_sums
     from hftk.train.optim import build_optimizer
 
     recipe, family = plan.recipe, plan.encoding.family

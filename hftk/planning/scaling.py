@@ -101,7 +101,7 @@ def ddp_collectives(shapes: list[TensorShape], hook: str, parallel: Any) -> list
     if hook == "int8":
         return [Collective("all_gather", entries + 4 * len(trained), buckets)]
     if hook == "topk":
-        from hftk.comm_hooks import topk_payload_bytes  # the hook's own arithmetic, rounding included
+        from hftk.parallel.comm_hooks import topk_payload_bytes  # the hook's own arithmetic, rounding included
 
         return [Collective("all_gather", sum(topk_payload_bytes(parallel.topk_ratio, s.numel) for s in trained),
                            buckets)]
@@ -204,7 +204,7 @@ class TpParameter:
 
 @dataclass(frozen=True)
 class TensorParallelLayout:
-    """What TP collectives need to know of a model (hftk.tensor_parallel.layout reads it)."""
+    """What TP collectives need to know of a model (hftk.planning.tp_layout reads it)."""
 
     layers: list[TpLayer]
     parameters: list[TpParameter]

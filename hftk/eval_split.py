@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from hftk.errors import UserError
-from hftk.prepare import Plan, eval_loader, make_accelerator, plan_inputs, tokenized
+from hftk.preflight import Plan, plan_inputs
+from hftk.prepare import eval_loader, make_accelerator, tokenized
 from hftk.recipe import Recipe
 from hftk.tasks.base import ENCODER_ONLY
 

@@ -23,26 +23,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from hftk import checkpoint, hub, metrics, run_dir, trackers
+from hftk import checkpoint
 from hftk.cache import cache_root
+from hftk.logs import log
+from hftk.preflight import check_surroundings
 from hftk.recipe import Recipe
-from hftk.tracking import log
 
 # The libraries whose code takes part in the input checks; a new version may answer differently.
 CHECKING_LIBRARIES = ("transformers", "datasets", "pyarrow", "torch", "tokenizers", "huggingface_hub",
                       "safetensors", "pydantic", "peft")
 ANSWERS = "validate"  # the folder under the hftk cache
-
-
-def check_surroundings(recipe: Recipe, notes: list[str] | None = None) -> Path | None:
-    """The checks about this machine and output_dir rather than the inputs' contents: what output_dir
-    holds (returns the checkpoint a resume starts from), the trackers installed, the Hub settings.
-    Cheap: no data is read and no ML library imported."""
-    resume_from = run_dir.check_output_dir(recipe.train, notes)
-    trackers.check_installed(list(recipe.train.report_to))
-    metrics.check_metric_source(recipe.eval.metric_source)
-    hub.check_push(recipe.hub)
-    return resume_from
 
 
 def validate(recipe: Recipe, remember: bool = True) -> list[str]:
@@ -63,7 +53,7 @@ def validate(recipe: Recipe, remember: bool = True) -> list[str]:
 
 
 def _check_inputs(recipe: Recipe) -> dict[str, Any]:
-    from hftk.run import check_inputs
+    from hftk.preflight import check_inputs
 
     with _hftk_records() as records:
         plan = check_inputs(recipe)

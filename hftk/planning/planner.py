@@ -1,7 +1,7 @@
 """`hftk plan`: what a recipe will cost before it runs. Loads the data and the tokenizer, builds the model
 on the meta device (no weights, no memory), and works out parameters, memory per process for each
 strategy, token lengths and padding, steps and FLOPs, and the communication of every strategy on 1 to 1024
-devices (hftk/scaling.py).
+devices (hftk/planning/scaling.py).
 
 Model-state memory follows the ZeRO paper (Rajbhandari et al., 2020): Adam in fp32 keeps 16 bytes per
 parameter (4 weights + 4 gradients + 8 moments); mixed precision keeps 2 + 2 + 12 (16-bit weights and
@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from hftk.errors import UserError
+from hftk.models import first_size
+from hftk.planning.scaling import DEVICE_COUNTS, Interconnect, ScalePlan, TensorParallelRun, scale_plan, tensor_shapes
 from hftk.recipe import Recipe
-from hftk.scaling import DEVICE_COUNTS, Interconnect, ScalePlan, TensorParallelRun, scale_plan, tensor_shapes
 
 
 def _size(num_bytes: float) -> str:
@@ -200,11 +201,6 @@ def activation_bytes(config: Any, batch_size: int, source_len: int, target_len: 
     return layers * per_layer(source_len if family == "encoder-only" else source_len + target_len)
 
 
-def first_size(config: Any, *names: str) -> int:
-    """The first of these config fields that is set (families name the same size differently), or 0."""
-    return next((int(getattr(config, n)) for n in names if getattr(config, n, None)), 0)
-
-
 @dataclass
 class LengthStats:
     count: int
@@ -249,7 +245,7 @@ class PlanReport:
     flops_per_step: float
     scale: ScalePlan
     notes: list[str] = field(default_factory=list)
-    probe: Any = None  # hftk.probe.Probe with --probe
+    probe: Any = None  # hftk.planning.probe.Probe with --probe
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -314,8 +310,8 @@ def loader_counts(plan: Any, features: Any, collator: Any, processes: int) -> Lo
     import torch
     from accelerate.data_loader import prepare_data_loader
 
+    from hftk.objective import padding_counts
     from hftk.prepare import train_loader
-    from hftk.train.objective import padding_counts
 
     counts = torch.zeros(2, dtype=torch.long)
     inputs = batches = 0
@@ -332,7 +328,8 @@ def loader_counts(plan: Any, features: Any, collator: Any, processes: int) -> Lo
 
 def make_plan(recipe: Recipe, launch: LaunchShape, link: Interconnect | None = None,
               probe_steps: int = 0) -> PlanReport:
-    from hftk.prepare import build_tokenizer, plan_inputs, tokenized, train_collator
+    from hftk.preflight import plan_inputs
+    from hftk.prepare import build_tokenizer, tokenized, train_collator
     from hftk.train.optim import total_optimizer_steps
     from hftk.train.packing import block_length
 
@@ -375,7 +372,7 @@ def make_plan(recipe: Recipe, launch: LaunchShape, link: Interconnect | None = N
     counts = loader_counts(plan, features, collator, n)
     probe = None
     if probe_steps:
-        from hftk import probe as probing
+        from hftk.planning.planner import probe as probing
 
         probe = probing.probe_steps(plan, tokenizer, features, probe_steps, total_steps)
     return PlanReport(
@@ -402,7 +399,7 @@ def tensor_parallel_run(model: Any, launch: LaunchShape, counts: LoaderCounts,
                         max_grad_norm: float | None, precision: Precision) -> TensorParallelRun | None:
     """The TP rows' inputs, for a family with a tensor-parallel plan; their TP groups are the config's
     tp_size, or 2 where the config has none."""
-    from hftk.tensor_parallel import layout
+    from hftk.planning.tp_layout import layout
 
     found = layout(model)
     if found is None:
