@@ -298,24 +298,24 @@ def test_validate_command_agrees(tmp_path):
 
 
 def test_real_command_prints_no_traceback(tmp_path):
-    result = run_hftk("finetune", str(tmp_path / "missing.yaml"))
+    result = run_hftk("finetune", str(tmp_path / "missing.yaml"), fresh=True)
     assert result.returncode == 2
     assert result.stderr.strip() == f"hftk: error: recipe file not found: {tmp_path / 'missing.yaml'}"
-    flag = run_hftk("eval", str(ROOT / "recipes/summarize.yaml"), "--split", "dev")
+    flag = run_hftk("eval", str(ROOT / "recipes/summarize.yaml"), "--split", "dev", fresh=True)
     assert flag.returncode == 2 and "--split must be train, validation or test" in flag.stderr
 
 
 def test_usage_errors_are_one_line(tmp_path):
-    missing = run_hftk("finetune")
+    missing = run_hftk("finetune", fresh=True)
     assert (missing.returncode, missing.stderr.strip(), missing.stdout) == (2, "hftk: error: Missing argument 'recipe'.", "")
     for args, expected in [(["eval", "r.yaml", "--bogus"], "hftk: error: No such option: --bogus"),
                            (["eval", "r.yaml", "--temperature", "hot"], "hftk: error: Invalid value for '--temperature'"),
                            (["push", str(tmp_path)], "hftk: error: Missing option '--repo-id'")]:
-        result = run_hftk(*args, cwd=tmp_path)
+        result = run_hftk(*args, cwd=tmp_path, fresh=True)
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(expected), result.stderr
-    assert "Usage: hftk" in run_hftk().stdout  # no arguments still prints the help
-    helped = run_hftk("finetune", "--help")
+    assert "Usage: hftk" in run_hftk(fresh=True).stdout  # no arguments still prints the help
+    helped = run_hftk("finetune", "--help", fresh=True)
     assert helped.returncode == 0 and "finetune" in helped.stdout
 
 

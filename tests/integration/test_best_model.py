@@ -17,6 +17,7 @@ def _eval_rows(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval_loss" in line]
 
 
+@pytest.mark.slow
 def test_final_model_is_the_best_checkpoint(tmp_path):
     # The highest validation loss is "best" here: the first evaluation, so the best is not the last step.
     recipe = tiny_recipe(tmp_path, train={"max_steps": 6, "eval_steps": 2, "save_steps": 2, "save_total_limit": 1,
@@ -40,6 +41,7 @@ def test_final_model_is_the_best_checkpoint(tmp_path):
     assert any(not (final[k] == last[k]).all() for k in shared)
 
 
+@pytest.mark.slow
 def test_early_stopping_counts_evaluations_without_improvement(tmp_path):
     recipe = tiny_recipe(tmp_path, train={"max_steps": 12, "eval_steps": 2, "early_stopping_patience": 1,
                                           "greater_is_better": True})

@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import FAULTS, ROOT, accelerate_launch, loss_rows, losses, run_hftk, tiny_recipe, write_recipe
 
+pytestmark = pytest.mark.slow  # every test here trains or launches for more than a few seconds
+
 RECIPE = ROOT / "recipes" / "summarize.yaml"
 STEPS = 60
 # Logged every 10 steps: the step-60 row is the mean of steps 51-60, not one batch's noise.

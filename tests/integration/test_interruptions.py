@@ -31,6 +31,8 @@ from tests.conftest import (
     write_recipe,
 )
 
+pytestmark = pytest.mark.slow  # every test here trains or launches for more than a few seconds
+
 # 64 rows / batch 4 = 16 micro-batches = 8 optimizer steps per epoch (accumulation 2); 20 steps
 # cross two epoch boundaries; a checkpoint every 4 steps, so checkpoint-8 sits on the first boundary.
 TRAIN = {"max_steps": 20, "logging_steps": 1, "save_steps": 4, "per_device_train_batch_size": 4,

@@ -11,6 +11,8 @@ import pytest
 
 from tests.conftest import FAULTS, ROOT, accelerate_launch, digest, losses, results, run_hftk, tiny_recipe, write_recipe
 
+pytestmark = pytest.mark.slow  # every test here trains or launches for more than a few seconds
+
 BASES = {
     "t5": {"model_type": "t5", "d_model": 32, "d_kv": 8, "num_heads": 4, "d_ff": 64, "num_layers": 1,
            "num_decoder_layers": 1, "dropout_rate": 0.0},

@@ -22,9 +22,11 @@ import pytest
 
 from hftk.checkpoint import MANIFEST
 from tests.conftest import FAULTS, ROOT, free_port, loss_rows, losses, wait_for_step, weights
-from tests.integration.test_parallel import STEPS, recipe_file, reference  # noqa: F401 (the one-process run, as a fixture)
-from tests.integration.test_tensor_parallel import GLOBAL_BATCH, one_process  # noqa: F401 (the one-process Llama run)
+from tests.integration.test_parallel import STEPS, recipe_file
+from tests.integration.test_tensor_parallel import GLOBAL_BATCH
 from tests.integration.test_tensor_parallel import recipe_file as tp_recipe_file
+
+pytestmark = pytest.mark.slow  # every test here trains or launches for more than a few seconds
 
 BATCH = 4  # per process: 2 machines x 1 process x 4 == 1 process x 8
 
@@ -86,7 +88,7 @@ def two_machines(tmp_path_factory) -> Path:
     return tmp_path / "multinode"
 
 
-def test_two_machines_equal_one_process(two_machines, reference):  # noqa: F811
+def test_two_machines_equal_one_process(two_machines, reference):
     mine, theirs = losses(two_machines), losses(reference)
     assert sorted(mine) == sorted(theirs) == list(range(1, STEPS + 1))
     for step in theirs:
@@ -98,7 +100,7 @@ def test_two_machines_equal_one_process(two_machines, reference):  # noqa: F811
 
 @pytest.mark.parametrize("config", ["zero1.yaml", "zero2.yaml", "zero3.yaml", "zero3_offload.yaml", "fsdp.yaml",
                                     "fsdp_shard_grad_op.yaml"])
-def test_sharded_strategies_across_two_machines_equal_one_process(config, reference, tmp_path):  # noqa: F811
+def test_sharded_strategies_across_two_machines_equal_one_process(config, reference, tmp_path):
     """The same two launch lines with each DeepSpeed or FSDP config instead of --multi_gpu: one world
     of 2 (DeepSpeed through deepspeed_multinode_launcher: standard, no pdsh), the recipe unchanged."""
     runs = launch_two_machines(tmp_path, recipe_file(tmp_path, "sharded", BATCH),
@@ -116,7 +118,7 @@ def test_sharded_strategies_across_two_machines_equal_one_process(config, refere
         assert (tmp_path / "sharded" / "checkpoint-3" / "pytorch_model" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
 
 
-def test_fsdp_tp_across_two_machines_equal_one_process(one_process, tmp_path):  # noqa: F811
+def test_fsdp_tp_across_two_machines_equal_one_process(one_process, tmp_path):
     """fsdp_tp.yaml on 2 machines x 2 processes: each TP group is one machine's pair of processes
     (transformers puts TP innermost in its mesh), FSDP2 shards across the machines."""
     recipe = tp_recipe_file(tmp_path, "fsdp_tp", GLOBAL_BATCH // 2)

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from tests.conftest import ROOT, results, run_hftk
+
+pytestmark = pytest.mark.slow  # every test here trains or launches for more than a few seconds
 
 RECIPE = str(ROOT / "recipes/dialogue.yaml")  # GPT-2; conversations of ~72 tokens in rows of up to 160
 

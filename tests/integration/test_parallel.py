@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import accelerate_launch, losses, results, run_hftk, tiny_recipe, write_recipe
 
+pytestmark = pytest.mark.slow  # every test here trains or launches for more than a few seconds
+
 STEPS = 6
 BATCH = 4  # per process: 2 processes x 4 == 1 process x 8
 # Measured on this stack: fp32 strategies differ by at most ~2e-7 relative; the fp16 and bf16
@@ -43,14 +45,6 @@ def assert_close_losses(got: dict[int, float], want: dict[int, float], tolerance
     worst = max(abs(got[s] - want[s]) / abs(want[s]) for s in want)
     assert worst < tolerance, f"relative loss difference {worst:.2e} >= {tolerance:.0e}"
     return worst
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> Path:
-    tmp_path = tmp_path_factory.mktemp("reference")
-    result = run_hftk("finetune", str(recipe_file(tmp_path, "single", 2 * BATCH)))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return tmp_path / "single"
 
 
 def max_weight_difference(a: Path, b: Path) -> float:

@@ -14,6 +14,7 @@ from hftk.planning.planner import PRECISIONS, model_state_memory, read_launch_co
 from tests.conftest import ROOT, accelerate_launch, run_hftk, tiny_recipe, write_recipe
 
 
+@pytest.mark.slow
 def test_plan_matches_a_real_run(tmp_path):
     # Lengths that vary, so batches pad; one whole epoch, so the run sees every batch the plan counts.
     recipe = tiny_recipe(tmp_path, data={"max_source_length": 256, "max_target_length": 64},
@@ -37,6 +38,7 @@ def test_plan_matches_a_real_run(tmp_path):
     assert report["source_lengths"]["max"] <= 256 and report["source_lengths"]["count"] == 64
 
 
+@pytest.mark.slow
 def test_probe_times_real_steps_and_writes_nothing(tmp_path):
     path = str(write_recipe(tmp_path, tiny_recipe(tmp_path)))
     planned = run_hftk("plan", path, "--probe", "2", "--json")
@@ -89,6 +91,7 @@ def zero3_config(tmp_path: Path, threshold: int) -> Path:
     return tmp_path / "zero3.yaml"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("threshold", [None, 1000])
 def test_plan_matches_the_model_states_of_a_real_zero3_run(tmp_path, threshold):
     """2 processes of ZeRO-3 over Gloo, built as `hftk finetune` builds them; benchmarks/model_states.py adds up

@@ -39,6 +39,7 @@ def count_collectives(recipe, hooks, steps: int, output) -> dict[str, dict]:
     return {row["hook"]: row for row in json.loads(output.read_text())}
 
 
+@pytest.mark.slow
 def test_plan_bytes_equal_a_real_two_process_run(tmp_path):
     # top-k at 5%: every tensor of this tiny model sends its positions as a bitmap (the recorded benchmark
     # below, at 1%, as int32), after one step of plain all-reduce.

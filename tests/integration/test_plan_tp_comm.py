@@ -40,6 +40,7 @@ def count_tp_collectives(config: str, recipe, output) -> list[dict]:
     return [json.loads(path.read_text()) for path in sorted(output.parent.glob(f"{output.stem}*.json"))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(LAUNCHES))
 def test_plan_tp_bytes_equal_a_real_run(case, tmp_path):
     config, processes, train = LAUNCHES[case]

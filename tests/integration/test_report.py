@@ -28,6 +28,7 @@ def _lines(figure):
             for axes in figure.axes for line in axes.get_lines()}
 
 
+@pytest.mark.slow
 def test_training_curves_draw_metrics_jsonl(two_runs):
     run = two_runs[0]
     assert (run / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -53,6 +54,7 @@ def test_curve_series_skips_non_finite_and_counts():
     assert panels["learning rate"]["learning rate"] == ([1, 2], [1e-3, 5e-4])
 
 
+@pytest.mark.slow
 def test_report_compares_two_runs(two_runs, tmp_path):
     picture = tmp_path / "cmp" / "report.png"
     result = run_hftk("report", *map(str, two_runs), "--output", str(picture), env={"COLUMNS": "200"})

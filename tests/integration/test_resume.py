@@ -7,8 +7,12 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
+
 from hftk.checkpoint import MANIFEST, latest_checkpoint
 from tests.conftest import run_hftk, tiny_recipe, write_recipe
+
+pytestmark = pytest.mark.slow  # every test here trains or launches for more than a few seconds
 
 
 def _train(tmp_path, name, *overrides, env=None, **sections):

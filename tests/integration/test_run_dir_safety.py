@@ -12,6 +12,8 @@ import pytest
 from hftk.run_dir import RUN_MANIFEST
 from tests.conftest import ROOT, digest, run_hftk, tiny_recipe, write_recipe
 
+pytestmark = pytest.mark.slow  # every test here trains or launches for more than a few seconds
+
 TRAIN = {"max_steps": 4, "save_steps": 2, "logging_steps": 1}
 
 

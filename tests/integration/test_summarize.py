@@ -9,6 +9,8 @@ import pytest
 
 from tests.conftest import ROOT, digest, run_hftk
 
+pytestmark = pytest.mark.slow  # every test here trains or launches for more than a few seconds
+
 RECIPE = str(ROOT / "recipes/summarize.yaml")
 # Measured: ROUGE-L 0.64 after the 2 epochs run here with T5's dropout 0.1 (0.71 without); untrained: ~0.
 ROUGE_L_THRESHOLD = 0.5

@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import ROOT, run_hftk
 
+pytestmark = pytest.mark.slow  # every test here trains or launches for more than a few seconds
+
 # recipe, epochs, metric, threshold  (measured with these epochs). For QA, answering nothing
 # scores 19 (the unanswerable share of the validation split): the thresholds sit above that.
 CASES = [

@@ -13,6 +13,8 @@ import torch
 
 from tests.conftest import accelerate_launch, losses, results, run_hftk, tiny_recipe, write_recipe
 
+pytestmark = pytest.mark.slow  # every test here trains or launches for more than a few seconds
+
 STEPS = 6
 GLOBAL_BATCH = 8
 LLAMA = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -28,14 +30,6 @@ def recipe_file(tmp_path: Path, name: str, batch: int, model: dict | None = None
     recipe = tiny_recipe(tmp_path, train=settings)
     recipe["model"]["config"] = model or LLAMA
     return write_recipe(tmp_path, recipe, f"{name}.yaml")
-
-
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory) -> Path:
-    tmp_path = tmp_path_factory.mktemp("one")
-    run = run_hftk("finetune", str(recipe_file(tmp_path, "single", GLOBAL_BATCH)))
-    assert run.returncode == 0, run.stderr[-3000:]
-    return tmp_path / "single"
 
 
 @pytest.mark.parametrize("config", sorted(LAUNCHES))

@@ -12,6 +12,8 @@ import pytest
 
 from tests.conftest import ROOT, run_hftk, tiny_recipe, write_recipe
 
+pytestmark = pytest.mark.slow  # every test here trains or launches for more than a few seconds
+
 OWN_LINE = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL) +\S|^hftk: ")
 NOISE = ("Setting accelerator to CPU", "Removed shared tensor", "Using default tokenizer.")
 
@@ -22,7 +24,7 @@ def recipe(tmp_path):
 
 
 def test_terminal_shows_own_lines_and_train_log_holds_the_rest(recipe, tmp_path):
-    result = run_hftk("finetune", recipe)
+    result = run_hftk("finetune", recipe, fresh=True)
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines and all(OWN_LINE.match(line) for line in lines), result.stderr
@@ -37,17 +39,17 @@ def test_terminal_shows_own_lines_and_train_log_holds_the_rest(recipe, tmp_path)
 
 
 def test_verbose_shows_third_party_lines(recipe):
-    result = run_hftk("finetune", recipe, "--verbose")
+    result = run_hftk("finetune", recipe, "--verbose", fresh=True)
     assert result.returncode == 0, result.stderr
     assert "Removed shared tensor" in result.stderr
 
 
 def test_quiet_shows_nothing_but_errors(recipe, tmp_path):
-    result = run_hftk("finetune", recipe, "--quiet")
+    result = run_hftk("finetune", recipe, "--quiet", fresh=True)
     assert result.returncode == 0, result.stderr
     assert result.stderr == "" and result.stdout == ""
     assert "step=4" in (tmp_path / "run" / "train.log").read_text()
-    again = run_hftk("finetune", recipe, "-q")  # the folder holds a run now
+    again = run_hftk("finetune", recipe, "-q", fresh=True)  # the folder holds a run now
     assert again.returncode == 2 and again.stderr.startswith("hftk: error: train.output_dir:")
 
 

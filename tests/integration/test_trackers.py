@@ -9,6 +9,8 @@ import pytest
 
 from tests.conftest import FAULTS, ROOT, run_hftk, tiny_recipe, write_recipe
 
+pytestmark = pytest.mark.slow  # every test here trains or launches for more than a few seconds
+
 
 def _scalars(folder, tag):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
