@@ -201,7 +201,7 @@ def activation_bytes(config: Any, batch_size: int, source_len: int, target_len: 
     return layers * per_layer(source_len if family == "encoder-only" else source_len + target_len)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LengthStats:
     count: int
     mean: float
@@ -218,8 +218,8 @@ def length_stats(lengths: list[int], limit: int) -> LengthStats:
     def pct(q: float) -> int:
         return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
 
-    return LengthStats(len(ordered), sum(ordered) / len(ordered), pct(0.5), pct(0.9), pct(0.99), ordered[-1],
-                       sum(1 for n in ordered if n >= limit) / len(ordered))
+    return LengthStats(count=len(ordered), mean=sum(ordered) / len(ordered), p50=pct(0.5), p90=pct(0.9),
+                       p99=pct(0.99), max=ordered[-1], at_limit=sum(1 for n in ordered if n >= limit) / len(ordered))
 
 
 @dataclass

@@ -345,7 +345,7 @@ class Interconnect:
         return self.bandwidth_gbps * 1e9 / 8
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ScaleRow:
     strategy: str
     comm_hook: str
@@ -374,9 +374,12 @@ def scale_row(strategy: str, hook: str, processes: int, collectives: list[Collec
     communication = sum(ring_seconds(c, processes, link.bytes_per_second, link.latency_us * 1e-6)
                         for c in collectives)
     step = compute + communication
-    return ScaleRow(strategy, hook, processes, round(sum(c.payload for c in collectives)),
-                    round(sum(ring_wire_bytes(c, processes) for c in collectives)), communication, step,
-                    tokens * processes / step if step else 0.0, compute / step if step else 1.0, tp_size)
+    return ScaleRow(strategy=strategy, comm_hook=hook, processes=processes,
+                    bytes_per_step=round(sum(c.payload for c in collectives)),
+                    wire_bytes_per_step=round(sum(ring_wire_bytes(c, processes) for c in collectives)),
+                    communication_seconds=communication, step_seconds=step,
+                    tokens_per_second=tokens * processes / step if step else 0.0,
+                    scaling_efficiency=compute / step if step else 1.0, tp_size=tp_size)
 
 
 def scale_plan(shapes: list[TensorShape], parallel: Any, precision: Any, accumulation: int,

@@ -25,7 +25,7 @@ from hftk.tasks.base import DECODER_ONLY, ENCODER_DECODER, IGNORE_INDEX
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "V100": 125.0}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class FlopCounter:
     family: str
     encoder_weights: int  # weights each encoder (or only) token passes through
@@ -70,13 +70,16 @@ def flop_counter(model: Any, family: str) -> FlopCounter:
     head = output.weight.numel() if output is not None else 0  # a tied head is a lookup and a product
     if family == ENCODER_DECODER:
         encoder, decoder = model.get_encoder(), model.get_decoder()
-        return FlopCounter(family, _count(encoder, lookups), _count(decoder, lookups) + head, layers,
-                           first_size(config, "num_decoder_layers", "decoder_layers") or layers, heads * head_size)
+        return FlopCounter(family=family, encoder_weights=_count(encoder, lookups),
+                           decoder_weights=_count(decoder, lookups) + head, encoder_layers=layers,
+                           decoder_layers=first_size(config, "num_decoder_layers", "decoder_layers") or layers,
+                           width=heads * head_size)
     body = sum(p.numel() for p in model.parameters() if id(p) not in lookups)
     if output is not None and id(output.weight) not in lookups:
         body -= head  # an untied head was counted in the body already
     weights = body + head if family == DECODER_ONLY else body
-    return FlopCounter(family, weights, 0, layers, 0, heads * head_size)
+    return FlopCounter(family=family, encoder_weights=weights, decoder_weights=0, encoder_layers=layers,
+                       decoder_layers=0, width=heads * head_size)
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:

@@ -254,3 +254,22 @@ def test_blank_or_unreadable_sources_are_not_sources():
     assert get_task("dialogue").has_source(chats, section) == [False, False, True]
     assert get_task("text_generation").has_source({"text": ["\t", 3, "x"]}, section) == [False, False, True]
     assert get_task("extractive_qa").source_label(section) == "'context'"
+
+
+@pytest.mark.parametrize("name", ["translation", "summarization", "extractive_qa", "generative_qa", "text_generation",
+                                  "dialogue"])
+def test_every_task_implements_the_whole_protocol(name):
+    """The rest of hftk asks a task only what Task states, with no getattr fallbacks: each member is there."""
+    import inspect
+
+    from hftk.tasks.base import Task
+
+    task = get_task(name)
+    members = {m for m in vars(Task) if not m.startswith("_")} | set(Task.__annotations__)
+    missing = sorted(m for m in members if not hasattr(task, m))
+    assert missing == [], f"{name} lacks {missing}"
+    for member in members:
+        wanted = getattr(Task, member, None)
+        if callable(wanted):
+            params = list(inspect.signature(wanted).parameters)[1:]
+            assert list(inspect.signature(getattr(task, member)).parameters)[:len(params)] == params, (name, member)
