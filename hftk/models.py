@@ -249,10 +249,17 @@ def check_lengths(config: PretrainedConfig, family: str, max_source_length: int,
         raise UserError(f"{what} = {needed} exceeds the model's {limit} positions")
 
 
+def check_vocabulary(explicit: dict[str, Any] | None, tokenizer: Any) -> None:
+    """A scratch config's vocabulary (`explicit`: model.config) must hold every token; finetune asks as
+    soon as the tokenizer exists, before the run writes anything."""
+    if explicit and "vocab_size" in explicit and explicit["vocab_size"] < len(tokenizer):
+        raise UserError(f"model.config.vocab_size={explicit['vocab_size']} is smaller than the tokenizer's {len(tokenizer)} "
+                        f"tokens; raise it or leave it out (it then follows the tokenizer)")
+
+
 def align_with_tokenizer(config: PretrainedConfig, tokenizer: Any, explicit: dict[str, Any]) -> PretrainedConfig:
     """A scratch config takes its vocabulary size and special-token ids from the tokenizer."""
-    if "vocab_size" in explicit and explicit["vocab_size"] < len(tokenizer):
-        raise UserError(f"model.config.vocab_size={explicit['vocab_size']} is smaller than the tokenizer's {len(tokenizer)} tokens")
+    check_vocabulary(explicit, tokenizer)
     updates = {"vocab_size": explicit.get("vocab_size", len(tokenizer))}
     for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
         if key not in explicit and getattr(tokenizer, key, None) is not None:

@@ -244,6 +244,13 @@ class TrainSection(Section):
 
     _home_expanded = field_validator("output_dir", "resume_from_checkpoint")(_expand_home)
 
+    @field_validator("output_dir")
+    @classmethod
+    def _names_a_folder(cls, value: str) -> str:
+        if not value.strip():  # an empty path would train into the current directory
+            raise ValueError("is empty; name the folder the run writes to (e.g. runs/summarize)")
+        return value
+
     @field_validator("report_to", mode="before")
     @classmethod
     def _tracker_list(cls, value: Any) -> Any:

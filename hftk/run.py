@@ -39,6 +39,7 @@ def finetune(recipe: Recipe) -> dict[str, Any]:
     accelerator = make_accelerator(recipe.train, list(recipe.train.report_to))
     strategy = strategy_for(recipe.parallel, accelerator, plan.config)
     tokenizer = build_tokenizer(plan, accelerator)
+    models.check_vocabulary(recipe.model.config, tokenizer)
     # Tokenize before anything is written: rows that cannot be encoded are bad input too.
     train_features = tokenized(plan, accelerator, tokenizer, "train", training=True)
     validation_features = (tokenized(plan, accelerator, tokenizer, "validation", training=False)

@@ -95,6 +95,10 @@ def check_output_dir(settings: Any, notes: list[str] | None = None) -> Path | No
     from hftk import checkpoint
 
     output_dir = Path(settings.output_dir)
+    for path in (output_dir, *output_dir.parents):
+        if path.is_symlink() and not path.exists():  # a loop, or a link to nothing
+            raise UserError(f"train.output_dir: {path} is a symbolic link that leads nowhere (a loop or a missing "
+                            f"target); point train.output_dir at a real folder")
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"train.output_dir: {output_dir} exists and is a file")
     checkpoint.check_writable(output_dir)

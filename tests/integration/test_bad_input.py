@@ -65,6 +65,17 @@ def _overrides(*items):
     return lambda t: ({}, list(items))
 
 
+def _symlink_loop(tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(tmp_path / "loop")
+    return {}, [f"train.output_dir={loop}"]
+
+
+def _dangling_parent(tmp_path):
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    return {}, [f"train.output_dir={tmp_path / 'gone' / 'run'}"]
+
+
 def _scratch(**config):
     return lambda t: ({"model": {"config": config}}, [])
 
@@ -143,6 +154,12 @@ CASES = {
     "answers not in SQuAD shape": (_task("generative_qa", BAD_ANSWERS), "SQuAD shape"),
     "dialogue row without roles": (_task("dialogue", NO_ROLES), "every message needs a role"),
     "no room for the question": (_task("generative_qa", QA_FILE, "data.max_source_length=6"), "leaves no room for the context"),
+    "empty output_dir": (_overrides("train.output_dir="), "train.output_dir: is empty; name the folder"),
+    "whitespace output_dir": (_overrides("train.output_dir=' '"), "train.output_dir: is empty"),
+    "output_dir a symlink loop": (_symlink_loop, "is a symbolic link that leads nowhere"),
+    "output_dir under a dangling symlink": (_dangling_parent, "is a symbolic link that leads nowhere"),
+    "vocab_size below the tokenizer's": (_overrides("model.config.vocab_size=10"),
+                                         "model.config.vocab_size=10 is smaller than the tokenizer's"),
     "unknown key": (lambda t: ({}, ["train.learnig_rate=1e-3"]), "unknown key 'train.learnig_rate' (did you mean 'train.learning_rate'?)"),
     "unknown task": (lambda t: ({}, ["task=poetry"]), "task: must be one of"),
     "negative lr": (lambda t: ({}, ["train.learning_rate=-0.1"]), "train.learning_rate"),
