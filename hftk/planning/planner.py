@@ -372,7 +372,7 @@ def make_plan(recipe: Recipe, launch: LaunchShape, link: Interconnect | None = N
     counts = loader_counts(plan, features, collator, n)
     probe = None
     if probe_steps:
-        from hftk.planning.planner import probe as probing
+        from hftk.planning import probe as probing
 
         probe = probing.probe_steps(plan, tokenizer, features, probe_steps, total_steps)
     return PlanReport(
