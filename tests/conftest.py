@@ -24,31 +24,25 @@ os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-# The fast tier (-m "not slow") stays fast by itself: a test without the slow marker that takes longer
-# than this fails, naming the marker to add. Set, setup and teardown included (a session fixture's
-# training lands in the setup of the first test that asks for it).
+# The fast tier (-m "not slow") stays fast by itself: a test without the slow marker whose setup and
+# call together take longer than this fails, naming the marker to add (a session fixture's training
+# lands in the setup of the first test that asks for it).
 UNMARKED_LIMIT_S = float(os.environ.get("HFTK_UNMARKED_LIMIT_S", "20"))
+_SETUP_S = pytest.StashKey[float]()
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item, call):
     report = yield
-    if report.when == "call":
-        item.stash[_SPENT] = item.stash.get(_SPENT, 0.0) + report.duration
-    elif report.when == "setup":
-        item.stash[_SPENT] = report.duration
-    spent = item.stash.get(_SPENT, 0.0)
-    if report.passed and report.when in ("call", "teardown") and spent > UNMARKED_LIMIT_S \
-            and item.get_closest_marker("slow") is None and not item.stash.get(_FLAGGED, False):
-        item.stash[_FLAGGED] = True
-        report.outcome = "failed"
-        report.longrepr = (f"{item.nodeid} took {spent:.1f}s (over {UNMARKED_LIMIT_S:g}s) without "
-                           "@pytest.mark.slow: mark it slow, or make it faster")
+    if report.when == "setup":
+        item.stash[_SETUP_S] = report.duration
+    elif report.when == "call" and report.passed and item.get_closest_marker("slow") is None:
+        spent = item.stash.get(_SETUP_S, 0.0) + report.duration
+        if spent > UNMARKED_LIMIT_S:
+            report.outcome = "failed"
+            report.longrepr = (f"{item.nodeid} took {spent:.1f}s (over {UNMARKED_LIMIT_S:g}s) without "
+                               "@pytest.mark.slow: mark it slow, or make it faster")
     return report
-
-
-_SPENT = pytest.StashKey[float]()
-_FLAGGED = pytest.StashKey[bool]()
 
 
 @pytest.fixture(autouse=True)
