@@ -23,6 +23,7 @@ def make_accelerator(settings: TrainSection, trackers: list[str] | None = None):
     from hftk.experiment_trackers import LOGGING_DIR
 
     launch.launch_problems(settings.bf16)
+    launch.skip_deepspeed_inference_comm()
     tensor_parallel.requested()  # bad sizes are bad input, found before the process group starts
     tensor_parallel.keep_accelerate_out()
     project = ProjectConfiguration(project_dir=settings.output_dir,

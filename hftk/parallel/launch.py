@@ -125,6 +125,19 @@ def model_construction(accelerator: Any):
         plugin.set_deepspeed_weakref()
 
 
+def skip_deepspeed_inference_comm() -> None:
+    """DeepSpeed's CPU backend compiles its shared-memory all-reduce kernel when it starts (about a
+    minute on a fresh machine, then a load on every launch), and only its inference all-reduce uses it:
+    training collectives go through torch.distributed either way."""
+    import importlib
+    import sys
+
+    if "deepspeed" not in sys.modules or torch.cuda.is_available():
+        return
+    # By module path: the name `torch` inside deepspeed.comm is torch itself.
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
 def apply_recipe_to_deepspeed(accelerator: Any, max_grad_norm: float | None) -> None:
     """DeepSpeed clips inside its engine (Accelerate's clip_grad_norm_ does nothing there)."""
     plugin = deepspeed_plugin(accelerator)
