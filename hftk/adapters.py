@@ -4,6 +4,7 @@ trains, save the adapter, merge it into its base, and load a saved adapter for e
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ PEFT_TASK_TYPES = {
     "AutoModelForCausalLM": "CAUSAL_LM",
     "AutoModelForQuestionAnswering": "QUESTION_ANS",
 }
+PEFT_ADDS_QA_HEAD = ("qa_outputs",)
 # Module path parts that mark an attention block, across the families transformers ships.
 ATTENTION_MARKERS = ("attn", "attention")
 
@@ -38,8 +40,11 @@ class AdapterPlan:
         from peft import LoraConfig
 
         s = self.settings
+        # peft's question-answering model adds its own head (qa_outputs) to modules_to_save; named here as
+        # well, adapter_config.json would list it twice.
+        to_save = [m for m in self.modules_to_save if self.task_type != "QUESTION_ANS" or m not in PEFT_ADDS_QA_HEAD]
         return LoraConfig(r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=self.target_modules,
-                          modules_to_save=self.modules_to_save or None, use_dora=s.use_dora,
+                          modules_to_save=to_save or None, use_dora=s.use_dora,
                           use_rslora=s.use_rslora, init_lora_weights=s.init_lora_weights, task_type=self.task_type)
 
 
@@ -158,7 +163,25 @@ def wrap(model: Any, plan: AdapterPlan, gradient_checkpointing: bool) -> Any:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     elif gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
-    return get_peft_model(model, plan.lora_config())
+    return passing_every_input(get_peft_model(model, plan.lora_config()))
+
+
+def passing_every_input(model: Any) -> Any:
+    """peft's question-answering wrapper names its forward's arguments and leaves token_type_ids out of
+    the call to the model: BERT's segment ids would be lost, and the adapter would train and score another
+    model than the merged one. Its forward becomes PeftModel's, which passes every input through."""
+    from peft import PeftModelForQuestionAnswering
+
+    if type(model) is PeftModelForQuestionAnswering:
+        model.__class__ = _question_answering_adapter()
+    return model
+
+
+@functools.cache
+def _question_answering_adapter() -> type:
+    from peft import PeftModel, PeftModelForQuestionAnswering
+
+    return type("QuestionAnsweringAdapter", (PeftModelForQuestionAnswering,), {"forward": PeftModel.forward})
 
 
 def count_parameters(model: Any) -> dict[str, int]:
@@ -209,4 +232,4 @@ def base_of(folder: str | Path) -> str:
 def load_adapter(folder: str | Path, base: Any) -> Any:
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base, str(folder))
+    return passing_every_input(PeftModel.from_pretrained(base, str(folder)))

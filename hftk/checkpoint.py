@@ -172,6 +172,7 @@ FREE_ON_RESUME = (
     "train.resume_from_checkpoint", "train.overwrite_output_dir", "train.dataloader_num_workers",
     "data.train",  # where the rows live may change; the rows themselves are compared by digest
     "data.validation", "data.test", "data.max_eval_samples", "data.preprocessing_num_workers", "eval",
+    "data.stream_check_rows",  # how much of a stream is judged up front; later bad rows are skipped anyway
     # what is reported, kept, saved or uploaded, not how the weights move
     "train.report_to", "hub", "lora.merge", "train.load_best_model_at_end", "train.metric_for_best_model",
     "train.greater_is_better", "train.early_stopping_patience", "train.early_stopping_threshold",
@@ -204,8 +205,10 @@ def check_compatible(folder: Path, recipe: Any, data_digest: str | None = None) 
     manifest = read_manifest(folder) or {}
     saved_digest = manifest.get("train_data")
     if saved_digest and data_digest and saved_digest != data_digest:
-        raise UserError(f"train.resume_from_checkpoint: the rows of data.train ({recipe.data.train.path}) differ from "
-                        f"those {folder.name} was trained on; resume with the same data or start afresh")
+        named = ", ".join(source.path for source in recipe.data.sources("train"))
+        raise UserError(f"train.resume_from_checkpoint: the rows of data.train ({named}) differ from those "
+                        f"{folder.name} was trained on (every source's rows, weight, label and column keys "
+                        f"count); resume with the same data or start afresh")
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if manifest.get("num_processes", launched) != launched:
         raise UserError(f"train.resume_from_checkpoint: {folder} was saved by {manifest['num_processes']} processes, "
@@ -241,15 +244,12 @@ def library_versions() -> dict[str, str]:
 
 
 def train_data_digest(source: Any, dataset: Any) -> str:
-    """What the training rows were: a local file's bytes (wherever it was copied to), or the Hub
-    dataset's fingerprint (which follows its revision)."""
-    import hashlib
+    """What the training rows were: a local file's bytes (wherever it was copied to; remembered by the
+    file's identity, so an unchanged file is not read again), or the Hub dataset's fingerprint (which
+    follows its revision)."""
+    from hftk.file_digest import file_sha256
 
     path = Path(source.path).expanduser()
     if not path.is_file():
         return str(dataset._fingerprint)
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return file_sha256(path)

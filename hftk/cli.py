@@ -61,7 +61,7 @@ def _guarded(action: Callable[[], object], quiet: bool = False, verbose: bool = 
     try:
         action()
     except HftkError as err:
-        if _is_first_on_machine():
+        if _is_first_on_machine() or getattr(err, "each_process", False):
             kind = "stopped" if err.exit_status == 75 else "error"
             print(f"hftk: {kind}: {err}", file=sys.stderr)
         raise typer.Exit(err.exit_status) from None
@@ -74,10 +74,18 @@ def finetune(recipe: Path = RecipeArg, overrides: list[str] | None = OverridesAr
     from hftk.recipe import load_recipe
 
     def action():
+        from hftk import followups
+        from hftk.errors import Preempted
+
         checked = load_recipe(recipe, overrides)  # a mistyped key shows before torch is imported
         from hftk.run import finetune as run_finetune
 
-        run_finetune(checked)
+        try:
+            run_finetune(checked)
+        except Preempted as stopped:  # said with the exact command that continues it
+            raise Preempted(f"{stopped}; {followups.continue_command(recipe, overrides or [], checked)}") from None
+        if _is_main_process() and not quiet:
+            print(followups.finished_line(recipe, overrides or [], checked.train.output_dir), file=sys.stderr)
 
     _guarded(action, quiet, verbose)
 
@@ -109,7 +117,10 @@ def evaluate(
         results = evaluate_saved(checked, _expand_home(model), split, _expand_home(output_dir), prompt, temperature)
         if _is_main_process():
             for key, value in results.items():
-                typer.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+                if isinstance(value, list):  # eval_<metric>_ci95
+                    typer.echo(f"{key}: [{value[0]:.4f}, {value[1]:.4f}]")
+                else:
+                    typer.echo(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
 
     _guarded(action, quiet, verbose)
 
@@ -135,15 +146,28 @@ def push(
     run_dir: Path = typer.Argument(..., help="A finished run's output_dir.", show_default=False),
     repo_id: str = typer.Option(..., "--repo-id", help="USER/NAME on the Hugging Face Hub."),
     private: bool = typer.Option(False, "--private", help="Create the repository as private."),
+    require_better_than: str | None = typer.Option(
+        None, "--require-better-than", show_default=False,
+        help="Push only a run significantly better (paired test, p < 0.05) than this run folder, or than its own "
+             "step-0 score with `start` (default: the run recipe's hub.require_better_than)."),
+    metric: str | None = typer.Option(None, "--metric", show_default=False,
+                                      help="The metric --require-better-than compares (default: the task's "
+                                           "headline metric: rougeL, bleu, f1 or perplexity)."),
 ) -> None:
     """Upload a finished run with its model card through huggingface_hub."""
 
     def action():
+        from hftk.comparison import read_recipe
         from hftk.hub import push_run
 
         if "/" not in repo_id:
             raise UserError(f"--repo-id must be USER/NAME, not '{repo_id}'")
-        typer.echo(push_run(run_dir, repo_id, private, token=None))
+        section = read_recipe(run_dir).get("hub") or {}
+        other = require_better_than or section.get("require_better_than")
+        if metric and not other:
+            raise UserError("--metric needs --require-better-than (or hub.require_better_than in the run's recipe)")
+        typer.echo(push_run(run_dir, repo_id, private, token=None, require_better_than=other,
+                            metric=metric or section.get("require_better_on")))
 
     _guarded(action)
 
@@ -151,15 +175,27 @@ def push(
 @app.command()
 def report(
     run_dirs: list[Path] = typer.Argument(..., help="Finished runs' output_dir folders.", show_default=False),
-    output: Path = typer.Option(Path("report.png"), "--output", help="Where the picture goes."),
+    output: Path | None = typer.Option(None, "--output", show_default=False,
+                                       help="Where the picture goes (default: report.png in the first run's folder)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the runs, the recipe values that differ and the "
+                                                       "paired comparisons as one JSON object (no table, no picture)."),
 ) -> None:
-    """Compare finished runs side by side: a table of their results and one picture of their curves."""
+    """Compare finished runs side by side: a table of their results, the recipe values that differ, paired
+    comparisons against the first run on the examples they share, and one picture of their curves."""
 
     def action():
-        from hftk.report import compare_runs
+        from hftk.report import compare_runs, comparison_report
 
-        compare_runs(run_dirs, output)
-        typer.echo(f"picture: {output}")
+        if as_json:
+            import json
+
+            typer.echo(json.dumps(comparison_report(run_dirs), indent=2))
+            return
+        from hftk.report import report_picture_path
+
+        picture = report_picture_path(run_dirs, output)
+        compare_runs(run_dirs, picture)
+        typer.echo(f"picture: {picture}")
 
     _guarded(action)
 
@@ -175,11 +211,13 @@ def plan(
     bandwidth_gbps: float = typer.Option(100.0, "--bandwidth-gbps",
                                          help="Interconnect bandwidth per device, in gigabits per second."),
     latency_us: float = typer.Option(5.0, "--latency-us", help="Latency of one ring hop, in microseconds."),
-    tflops: float = typer.Option(100.0, "--tflops", help="Achieved TFLOP/s per device."),
+    tflops: float = typer.Option(100.0, "--tflops", help="Achieved TFLOP/s per device of the device the step-time "
+                                                          "table assumes (not this machine's: --probe measures it)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     probe: int = typer.Option(0, "--probe", min=0, max=1000, show_default=False,
-                              help="Time this many real optimizer steps here (one process) and estimate the "
-                                   "training time; loads real weights."),
+                              help="Time at least this many real optimizer steps here (one process; up to 10x as "
+                                   "many while they take under 3 s) and estimate the training time; the measured "
+                                   "step replaces --tflops in the step-time table. Loads real weights."),
 ) -> None:
     """Parameters, memory per process per strategy, token lengths and padding, steps and FLOPs, and the
     bytes sent and step time of each strategy and communication hook on 1 to 1024 devices, without

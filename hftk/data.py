@@ -6,7 +6,9 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import pyarrow.compute as pc
 from hftk.errors import UserError
 from hftk.logs import log
 from hftk.recipe import DataSection, DataSource
-from hftk.tasks.base import EXAMPLE_INDEX, Task
+from hftk.tasks.base import EXAMPLE_INDEX, Task, column_key
 from hftk.tasks.squad_schema import flatten_nested_squad, is_nested_squad
 
 FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -32,12 +34,13 @@ def is_local(source: DataSource) -> bool:
     return path.exists() or bool(suffixes and suffixes[-1] in FILE_BUILDERS)
 
 
-def load_split(source: DataSource, key: str) -> datasets.Dataset:
-    where = f"data.{key}"
+def load_split(source: DataSource, key: str, where: str | None = None) -> datasets.Dataset:
+    """`where` names the source in messages (data.train, or data.train.1 ('wiki') in a list)."""
+    where = where or f"data.{key}"
     if is_local(source):
         dataset = _load_file(Path(source.path), where)
     else:
-        dataset = _load_hub(source, where)
+        dataset = _load_hub(source, where, key)
     if len(dataset) == 0:
         raise UserError(f"{where}: {source.path} holds no rows")
     return dataset
@@ -55,13 +58,14 @@ def _load_file(path: Path, where: str) -> datasets.Dataset:
     if is_nested_squad(path):
         return datasets.Dataset.from_list(flatten_nested_squad(path))
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        with _quiet_builder_log():  # the builder logs the parser's detail on a line of its own
+            return datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as err:  # noqa: BLE001 - the builders raise many types for a malformed file
         raise UserError(f"{where}: cannot read {path}: {_reason(err)}") from None
 
 
-def _load_hub(source: DataSource, where: str) -> datasets.Dataset:
-    split = source.split or where.rsplit(".", 1)[-1]  # data.validation reads the validation split by default
+def _load_hub(source: DataSource, where: str, key: str) -> datasets.Dataset:
+    split = source.split or key  # data.validation reads the validation split by default
     try:
         return datasets.load_dataset(source.path, source.name, split=split, revision=source.revision)
     except ValueError as err:
@@ -76,14 +80,34 @@ def _load_hub(source: DataSource, where: str) -> datasets.Dataset:
 
 
 def _reason(err: BaseException) -> str:
+    """The innermost cause's first line (datasets wraps the parser's error in a generic one), with a CSV
+    parser's detail as `line 7: expected 3 fields, saw 4`."""
+    while (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__
     lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    return (lines[0] if lines else type(err).__name__)[:300]
+    text = lines[0] if lines else type(err).__name__
+    fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", text)
+    if fields:
+        text = f"line {fields.group(2)}: expected {fields.group(1)} fields, saw {fields.group(3)}"
+    return text[:300]
 
 
-def check_split(dataset: datasets.Dataset, task: Task, data: DataSection, key: str) -> datasets.Dataset:
+@contextlib.contextmanager
+def _quiet_builder_log():
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def check_split(dataset: datasets.Dataset, task: Task, data: DataSection, key: str,
+                where: str | None = None) -> datasets.Dataset:
     """Every row is checked: bad rows stop the run with their count and the first one, or, with
     data.drop_bad_rows, are dropped and counted. Returns the rows to use."""
-    where = f"data.{key}"
+    where = where or f"data.{key}"
     _check_columns(dataset, task, data, where)
     verdicts = row_verdicts(dataset, task, data)
     problems = verdicts.column(PROBLEM)
@@ -98,9 +122,11 @@ def check_split(dataset: datasets.Dataset, task: Task, data: DataSection, key: s
 def _check_columns(dataset: datasets.Dataset, task: Task, data: DataSection, where: str) -> None:
     missing = [c for c in task.columns(data) if c not in dataset.column_names]
     if missing:
+        keys = [k for k in (column_key(data, m) for m in missing) if k]
         raise UserError(
             f"{where}: missing column{'s' if len(missing) > 1 else ''} {', '.join(repr(m) for m in missing)} "
             f"(columns are: {', '.join(dataset.column_names)})"
+            + (f"; set {' and '.join(keys)} to name your own" if keys else "")
         )
 
 
@@ -212,16 +238,22 @@ def load_checked(task: Task, data: DataSection, keys: list[str]) -> dict[str, da
 
 def _load_all(task: Task, data: DataSection, keys: list[str]):
     for key in keys:
-        source = getattr(data, key)
-        if source is None:
-            continue
-        dataset = load_split(source, key)
-        if is_local(source):
-            check_json_tail(dataset, Path(source.path), task.columns(data), f"data.{key}")
-        dataset = check_split(dataset, task, data, key)
-        dataset = task.repair(dataset, data, f"data.{key}")  # real-world data mended (QA answer offsets)
-        limit = data.max_train_samples if key == "train" else data.max_eval_samples
-        yield key, (dataset.select(range(min(limit, len(dataset)))) if limit else dataset)
+        for source in data.sources(key)[:1]:  # several sources: hftk.sources
+            yield key, load_source(task, data, source, key)
+
+
+def load_source(task: Task, data: DataSection, source: DataSource, key: str,
+                where: str | None = None) -> datasets.Dataset:
+    """One source read and checked by `data`'s rules (its columns, the task's row checks, repairs,
+    max_*_samples); `where` names it in messages."""
+    where = where or f"data.{key}"
+    dataset = load_split(source, key, where)
+    if is_local(source):
+        check_json_tail(dataset, Path(source.path), task.columns(data), where)
+    dataset = check_split(dataset, task, data, key, where)
+    dataset = task.repair(dataset, data, where)  # real-world data mended (QA answer offsets)
+    limit = data.max_train_samples if key == "train" else data.max_eval_samples
+    return dataset.select(range(min(limit, len(dataset)))) if limit else dataset
 
 
 @functools.lru_cache(maxsize=1)
@@ -236,22 +268,23 @@ def preprocessing_code_fingerprint() -> str:
 
 
 def _encode(rows: dict[str, list[Any]], indices: list[int], task: Task, tokenizer: Any, data: DataSection,
-            family: str, training: bool, code: str) -> dict[str, list[Any]]:
+            family: str, training: bool, code: str, offset: int = 0) -> dict[str, list[Any]]:
     features = task.preprocess(rows, tokenizer, data, family, training)
     if not training:
-        # A task that splits rows into several features (QA windows) says which row each came from.
+        # A task that splits rows into several features (QA windows) says which row each came from;
+        # `offset` counts the rows of the sources before this one in a list of sources.
         relative = features.get(EXAMPLE_INDEX, range(len(indices)))
-        features[EXAMPLE_INDEX] = [indices[i] for i in relative]
+        features[EXAMPLE_INDEX] = [offset + indices[i] for i in relative]
     return features
 
 
 def tokenize(dataset: datasets.Dataset, task: Task, tokenizer: Any, data: DataSection, family: str,
-             training: bool, split: str | None = None) -> datasets.Dataset:
+             training: bool, split: str | None = None, offset: int = 0) -> datasets.Dataset:
     """datasets caches the result under a fingerprint of the function and its arguments, so a change of
     tokenizer, lengths, columns or family makes a new cache entry instead of reusing a stale one.
     Quiet: a row that cannot be encoded is bad input, reported as one line."""
     with quiet_datasets():
-        features = _map(dataset, task, tokenizer, data, family, training)
+        features = _map(dataset, task, tokenizer, data, family, training, offset)
     if len(features) == 0:
         raise UserError(_nothing_to_learn(split or ("train" if training else "validation"), len(dataset), data))
     return features
@@ -264,14 +297,17 @@ def _nothing_to_learn(split: str, rows: int, data: DataSection) -> str:
 
 
 def _map(dataset: datasets.Dataset, task: Task, tokenizer: Any, data: DataSection, family: str,
-         training: bool) -> datasets.Dataset:
+         training: bool, offset: int = 0) -> datasets.Dataset:
+    arguments = {"task": task, "tokenizer": tokenizer, "data": data, "family": family, "training": training,
+                 "code": preprocessing_code_fingerprint()}
+    if offset:  # only then: a single source keeps the cache entries it had
+        arguments["offset"] = offset
     return dataset.map(
         _encode,
         with_indices=True,
         batched=True,
         remove_columns=dataset.column_names,
-        fn_kwargs={"task": task, "tokenizer": tokenizer, "data": data, "family": family, "training": training,
-                   "code": preprocessing_code_fingerprint()},
+        fn_kwargs=arguments,
         num_proc=data.preprocessing_num_workers,
         desc="tokenizing",
     )

@@ -28,3 +28,10 @@ class Preempted(HftkError):
     """A stop signal arrived; a full checkpoint was saved at a step boundary."""
 
     exit_status = EXIT_PREEMPTED
+
+
+class CollectiveFailure(RunError):
+    """Another process stopped answering or ended: every process says so itself, since the one that
+    would speak for a machine may be the one that is gone."""
+
+    each_process = True

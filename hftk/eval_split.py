@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from hftk import intervals
 from hftk.errors import UserError
 from hftk.preflight import Plan, plan_inputs
 from hftk.prepare import eval_loader, make_accelerator, tokenized
@@ -21,23 +22,62 @@ def evaluate_split(plan: Plan, accelerator: Any, model: Any, tokenizer: Any, key
     recipe, task = plan.recipe, plan.task
     raw = plan.splits[key]
     rows = raw[:]
-    loss, by_index = run_evaluation(accelerator, model, loader, tokenizer, task, plan.encoding.family, recipe.eval,
-                                    rows, recipe.data)
+    loss, by_index, example_losses = run_evaluation(accelerator, model, loader, tokenizer, task, plan.encoding.family,
+                                                    recipe.eval, rows, recipe.data)
     results = {"eval_loss": loss}
     if plan.encoding.family != ENCODER_ONLY:
         results["eval_perplexity"] = math.exp(min(loss, 50.0))  # capped: exp overflows past ~700
-    predictions = []
+    id_column = recipe.data.id_column or "id"
+    ids = rows[id_column] if id_column in rows else list(range(len(raw)))
+    losses = sorted(example_losses.items())
+    statistics = intervals.loss_statistics([s for _, (s, _) in losses], [c for _, (_, c) in losses])
     if by_index:
         references = task.references(rows, recipe.data)
         order = range(len(raw))
         texts = [by_index.get(i, "") for i in order]  # an example with no prediction scores as empty
         scores = task.compute_metrics(texts, references, recipe.eval.metric_source)
         results.update({f"eval_{k}": v for k, v in scores.items()})
-        id_column = recipe.data.id_column or "id"
-        ids = rows[id_column] if id_column in rows else list(order)
-        predictions = [{"id": ids[i], "prediction": texts[i], "reference": references[i]} for i in order]
+        examples = task.example_scores(texts, references)
+        predictions = [{"id": ids[i], "prediction": texts[i], "reference": references[i],
+                        **({"scores": examples[i]} if examples[i] else {})} for i in order]
+        statistics.update(intervals.score_statistics(examples))
+        statistics.update(task.corpus_statistics(texts, references))
+    else:
+        # No text to score: the loss is the metric, and each example's share of it is kept.
+        predictions = [{"id": ids[i], "scores": intervals.loss_scores(*example)} for i, example in losses]
     results["eval_samples"] = len(raw)
+    if recipe.eval.bootstrap_samples and recipe.eval.metric_source == "local":
+        found = intervals.intervals({k: v for k, v in statistics.items() if f"eval_{k}" in results},
+                                    recipe.eval.bootstrap_samples, recipe.eval.bootstrap_seed)
+        results.update({f"eval_{name}_ci95": bounds for name, bounds in found.items()})
+    results.update(_by_source(plan, key, rows, example_losses, by_index))
     return results, predictions
+
+
+def _by_source(plan: Plan, key: str, rows: dict[str, list[Any]], example_losses: dict[int, Any],
+               by_index: dict[int, str]) -> dict[str, float]:
+    """Each source of a list scored alone, as eval_<label>_<metric> (its rows are a range of the split)."""
+    from hftk.sources import metric_label
+
+    split = plan.sources.get(key)
+    if split is None or not split.several:
+        return {}
+    recipe, task = plan.recipe, plan.task
+    results: dict[str, float] = {}
+    for label, start, end in split.row_ranges():
+        name = f"eval_{metric_label(label)}"
+        sums = [example_losses[i] for i in range(start, end) if i in example_losses]
+        loss = sum(s for s, _ in sums) / max(sum(c for _, c in sums), 1)
+        results[f"{name}_loss"] = float(loss)
+        if plan.encoding.family != ENCODER_ONLY:
+            results[f"{name}_perplexity"] = math.exp(min(loss, 50.0))
+        if by_index:
+            part = {column: values[start:end] for column, values in rows.items()}
+            texts = [by_index.get(i, "") for i in range(start, end)]
+            scores = task.compute_metrics(texts, task.references(part, recipe.data), recipe.eval.metric_source)
+            results.update({f"{name}_{k}": v for k, v in scores.items()})
+        results[f"{name}_samples"] = end - start
+    return results
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

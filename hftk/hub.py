@@ -15,16 +15,16 @@ Fine-tuned with hftk for **{task}**{base_line}.
 
 ## Evaluation
 
-| metric | value |
-| --- | --- |
+| metric | value | 95% interval |
+| --- | --- | --- |
 {metric_rows}
-
+{interval_note}{start_section}
 ## Training
 
 | figure | value |
 | --- | --- |
 {training_rows}
-
+{rollback_lines}
 ## Training recipe
 
 ```yaml
@@ -45,6 +45,24 @@ DECODER_ONLY_PIPELINE_TASKS = {"summarization", "translation", "generative_qa"} 
 
 # Counts, not scores: they stay in all_results.json and out of model-index.
 NOT_METRICS = {"eval_samples"}
+INTERVAL_SUFFIX = "_ci95"  # eval_<metric>_ci95: [low, high], beside eval_<metric>
+
+INTERVAL_NOTE = """
+Intervals: 95% percentile bootstrap over the {examples} evaluated examples (BLEU and chrF through
+sacreBLEU's resampling of sentence statistics).
+"""
+
+START_SECTION = """
+## Before and after fine-tuning
+
+The checkpoint training started from (step 0) against the fine-tuned model, on the same examples:
+the difference (after - before), its 95% paired bootstrap interval and the p-value of a paired
+approximate randomization test ("yes": significant at 0.05).
+
+| metric | before | after | difference | 95% interval | p | significant |
+| --- | --- | --- | --- | --- | --- | --- |
+{rows}
+"""
 
 GENERATE_USAGE = """\
 from transformers import AutoTokenizer{import_line}
@@ -110,9 +128,12 @@ def eval_results(results: dict[str, Any], task: str, dataset: str, dataset_type:
 def write_model_card(output_dir: Path, task: str, recipe_yaml: str, results: dict[str, Any], base_model: str | None,
                      auto_class: str, model_ref: str | None = None, *, adapter: bool = False,
                      datasets: list[str] | None = None, eval_dataset: str | None = None,
-                     eval_split: str = "validation") -> None:
+                     eval_split: str = "validation", before: dict[str, Any] | None = None,
+                     paired: list[Any] | None = None, rollbacks: list[dict] | None = None) -> None:
     """README.md with Hub metadata: model-index from the eval_* results, base model and datasets
-    only where they are Hub ids, library peft for an adapter."""
+    only where they are Hub ids, library peft for an adapter. `before` (the step-0 evaluation) and
+    `paired` (hftk.comparison.Comparison of the final predictions against step 0's) add the section
+    on what fine-tuning changed."""
     from huggingface_hub import ModelCard, ModelCardData
 
     output_dir = Path(output_dir)
@@ -128,13 +149,28 @@ def write_model_card(output_dir: Path, task: str, recipe_yaml: str, results: dic
     )
     evaluation = {k: v for k, v in results.items() if k.startswith("eval_")}
     training = {k: v for k, v in results.items() if k not in evaluation}
+    has_intervals = any(k.endswith(INTERVAL_SUFFIX) for k in evaluation)
     body = CARD_BODY.format(
         title=title, task=task, base_line=f" from [{hub_base}](https://huggingface.co/{hub_base})" if hub_base else "",
-        metric_rows=_table_rows(evaluation), training_rows=_table_rows(training), recipe=recipe_yaml,
+        metric_rows=_metric_rows(evaluation), training_rows=_table_rows(training), recipe=recipe_yaml,
+        interval_note=INTERVAL_NOTE.format(examples=results.get("eval_samples", "")) if has_intervals else "",
+        start_section=_start_section(before or {}, results, paired or []),
+        rollback_lines=_rollback_lines(rollbacks or []),
         usage=usage_snippet(auto_class, model_ref or str(output_dir), adapter, task),
     )
     ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").save(output_dir / "README.md")
     write_eval_results(output_dir, results, eval_dataset, eval_split)
+
+
+def _rollback_lines(rollbacks: list[dict]) -> str:
+    """One line per rollback (train.on_divergence=rollback): where, why, and what was skipped."""
+    def skipped(r: dict) -> str:
+        count = len(r["skipped_examples"]) if r.get("skipped_examples") is not None else None
+        return f"its {count} training examples" if count is not None else "that step's training examples"
+
+    lines = [f"- at optimizer step {r['step']}: {r['reason']}; rolled back to {r['rolled_back_to']} and skipped "
+             f"{skipped(r)}" for r in rollbacks]
+    return "\nRollbacks past loss spikes:\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 EVAL_RESULTS = ".eval_results"
@@ -161,14 +197,52 @@ def write_eval_results(output_dir: Path, results: dict[str, Any], dataset: str |
     return path
 
 
+def _metric_rows(evaluation: dict[str, Any]) -> str:
+    scores = {k: v for k, v in evaluation.items() if not k.endswith(INTERVAL_SUFFIX)}
+    if not scores:
+        return "| - | - | - |"
+    return "\n".join(f"| {k} | {_number(v)} | {_interval(evaluation.get(k + INTERVAL_SUFFIX))} |"
+                     for k, v in sorted(scores.items()))
+
+
+def _start_section(before: dict[str, Any], after: dict[str, Any], paired: list[Any]) -> str:
+    """A row per metric of the step-0 evaluation: the paired test where the examples allow one."""
+    tested = {f"eval_{c.metric}": c for c in paired}
+    keys = [k for k in sorted(before) if k.startswith("eval_") and k not in NOT_METRICS
+            and not k.endswith(INTERVAL_SUFFIX) and isinstance(after.get(k), (int, float))]
+    if not keys:
+        return ""
+    rows = []
+    for key in keys:
+        test = tested.get(key)
+        if test is None:
+            rows.append(f"| {key} | {_number(before[key])} | {_number(after[key])} | "
+                        f"{after[key] - before[key]:+.4f} | - | - | - |")
+        else:
+            rows.append(f"| {key} | {_number(test.a)} | {_number(test.b)} | {test.delta:+.4f} | "
+                        f"{_interval(test.ci95)} | {test.p_value:.3g} | {'yes' if test.significant else 'no'} |")
+    return START_SECTION.format(rows="\n".join(rows))
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _interval(bounds: Any) -> str:
+    return f"[{bounds[0]:.4f}, {bounds[1]:.4f}]" if isinstance(bounds, (list, tuple)) and len(bounds) == 2 else "-"
+
+
 def _table_rows(figures: dict[str, Any]) -> str:
     if not figures:
         return "| - | - |"
     return "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in sorted(figures.items()))
 
 
-def push_run(run_dir: Path, repo_id: str, private: bool, token: str | None, api: Any = None) -> str:
-    """Upload a finished run (model, tokenizer, card, results); checkpoints and partial files stay local."""
+def push_run(run_dir: Path, repo_id: str, private: bool, token: str | None, api: Any = None,
+             require_better_than: str | None = None, metric: str | None = None) -> str:
+    """Upload a finished run (model, tokenizer, card, results); checkpoints and partial files stay local.
+    With `require_better_than` (a run folder, or `start`), only a run significantly better on `metric`:
+    otherwise a UserError, before any request."""
     from huggingface_hub import HfApi
 
     run_dir = Path(run_dir)
@@ -176,6 +250,10 @@ def push_run(run_dir: Path, repo_id: str, private: bool, token: str | None, api:
     if not has_model or not (run_dir / "all_results.json").is_file():
         raise UserError(f"{run_dir} is not a finished hftk run (config.json or adapter_config.json, and "
                         f"all_results.json, are missing)")
+    if require_better_than:
+        from hftk.comparison import gate
+
+        gate(run_dir, require_better_than, metric)
     api = api or HfApi(token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
@@ -192,6 +270,10 @@ def check_push(settings: Any) -> None:
     """hub.push: refuse before training what could only fail after it (offline, no token)."""
     if settings is None or not settings.push:
         return
+    other = settings.require_better_than
+    if other and other != "start" and not (Path(other) / "predictions.jsonl").is_file():
+        raise UserError(f"hub.require_better_than: {other} holds no predictions.jsonl to compare the run with; name a "
+                        f"finished run folder, or `start`")
     from huggingface_hub import constants, get_token
 
     if constants.HF_HUB_OFFLINE:
@@ -202,12 +284,24 @@ def check_push(settings: Any) -> None:
 
 
 def push_finished_run(settings: Any, output_dir: Path, api: Any = None) -> str | None:
-    """The recipe's hub section after training (main process only); None when it asks for no push."""
+    """The recipe's hub section after training (main process only); None when it asks for no push, or
+    when hub.require_better_than refuses it (one line: the run itself is done and ends well)."""
     if settings is None or not settings.push:
         return None
     from huggingface_hub import get_token
 
     from hftk.errors import RunError
+
+    if settings.require_better_than:
+        from hftk.comparison import gate
+        from hftk.logs import log
+
+        try:
+            passed = gate(output_dir, settings.require_better_than, settings.require_better_on)
+        except UserError as err:
+            log.warning(f"{err}; not pushed (the run is saved in {output_dir})")
+            return None
+        log.info(f"push gate passed: {passed.sentence()}")
 
     try:
         return push_run(output_dir, settings.repo_id, settings.private, token=get_token(), api=api)

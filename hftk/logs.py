@@ -131,6 +131,14 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def _shown(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):  # an interval
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    return str(value)
+
+
 class MetricsLog:
     def __init__(self, output_dir: Path, enabled: bool, forward: Any = None):
         self.path = Path(output_dir) / METRICS_FILE
@@ -145,7 +153,7 @@ class MetricsLog:
         row = {k: _clean(v) for k, v in row.items()}
         with self.path.open("a") as handle:
             handle.write(json.dumps(row) + "\n")
-        log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        log.info(" ".join(f"{k}={_shown(v)}" for k, v in row.items()))
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop rows a killed run wrote after its last checkpoint."""

@@ -46,16 +46,27 @@ def rouge(predictions: list[str], references: list[str], source: str = "local") 
     if source == "hub":
         scores = _load_hub_metric("rouge").compute(predictions=predictions, references=references, use_stemmer=True)
         return {k: float(scores[k]) for k in ROUGE_TYPES}
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     totals = dict.fromkeys(ROUGE_TYPES, 0.0)
-    for prediction, reference in zip(predictions, references, strict=True):
-        for key, score in scorer.score(reference, prediction).items():
-            totals[key] += score.fmeasure
+    for scores in _rouge_lines(predictions, references):
+        for key, value in scores.items():
+            totals[key] += value
     # The exact mean: evaluate's default bootstrap aggregator reports a resampled median instead,
     # which moves from run to run; a rerun of `hftk eval` must reproduce the figures.
     return {k: v / max(len(predictions), 1) for k, v in totals.items()}
+
+
+def rouge_per_example(predictions: list[str], references: list[str]) -> list[dict[str, float]]:
+    """Each example's ROUGE F-measures (local rouge_score); their mean is `rouge`'s local value."""
+    return _rouge_lines([one_sentence_per_line(p) for p in predictions],
+                        [one_sentence_per_line(r) for r in references])
+
+
+def _rouge_lines(predictions: list[str], references: list[str]) -> list[dict[str, float]]:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    return [{key: float(score.fmeasure) for key, score in scorer.score(reference, prediction).items()}
+            for prediction, reference in zip(predictions, references, strict=True)]
 
 
 def bleu_chrf(predictions: list[str], references: list[list[str]], source: str = "local") -> dict[str, float]:
@@ -66,14 +77,19 @@ def bleu_chrf(predictions: list[str], references: list[list[str]], source: str =
         return {"bleu": float(bleu["score"]), "chrf": float(chrf["score"])}
     import sacrebleu
 
-    width = max((len(r) for r in references), default=1)
-    if any(len(r) != width for r in references):
-        raise ValueError("sacreBLEU needs the same number of references for every prediction")
-    streams = [[refs[i] for refs in references] for i in range(width)]
+    streams = reference_streams(references)
     return {
         "bleu": float(sacrebleu.corpus_bleu(predictions, streams).score),
         "chrf": float(sacrebleu.corpus_chrf(predictions, streams).score),
     }
+
+
+def reference_streams(references: list[list[str]]) -> list[list[str]]:
+    """sacreBLEU's layout: one stream per reference position, each as long as the predictions."""
+    width = max((len(r) for r in references), default=1)
+    if any(len(r) != width for r in references):
+        raise ValueError("sacreBLEU needs the same number of references for every prediction")
+    return [[refs[i] for refs in references] for i in range(width)]
 
 
 def normalize_answer(text: str) -> str:
@@ -101,10 +117,20 @@ def squad(predictions: list[str], references: list[list[str]]) -> dict[str, floa
 
     An unanswerable question (SQuAD v2) has references [""] and is right only when the prediction is empty.
     """
-    exact = f1 = 0.0
+    pairs = _squad_fractions(predictions, references)
+    count = max(len(predictions), 1)
+    return {"exact_match": 100.0 * sum(e for e, _ in pairs) / count, "f1": 100.0 * sum(f for _, f in pairs) / count}
+
+
+def squad_per_example(predictions: list[str], references: list[list[str]]) -> list[dict[str, float]]:
+    """Each question's exact match and F1 (0-100); `squad` is their mean."""
+    return [{"exact_match": 100.0 * e, "f1": 100.0 * f} for e, f in _squad_fractions(predictions, references)]
+
+
+def _squad_fractions(predictions: list[str], references: list[list[str]]) -> list[tuple[float, float]]:
+    pairs = []
     for prediction, truths in zip(predictions, references, strict=True):
         truths = truths or [""]
-        exact += max(float(normalize_answer(prediction) == normalize_answer(t)) for t in truths)
-        f1 += max(_f1(prediction, t) for t in truths)
-    count = max(len(predictions), 1)
-    return {"exact_match": 100.0 * exact / count, "f1": 100.0 * f1 / count}
+        pairs.append((max(float(normalize_answer(prediction) == normalize_answer(t)) for t in truths),
+                      max(_f1(prediction, t) for t in truths)))
+    return pairs

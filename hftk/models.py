@@ -6,6 +6,7 @@ import copy
 import difflib
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from huggingface_hub import errors as hub_errors
 from transformers import AutoConfig, PretrainedConfig
 
 from hftk.errors import UserError
+from hftk.logs import log
 from hftk.recipe import ModelSection
 from hftk.tasks.base import DECODER_ONLY, ENCODER_DECODER, ENCODER_ONLY, Encoding, Task
 
@@ -49,15 +51,54 @@ def resolve_config(model: ModelSection) -> PretrainedConfig:
     if local.exists() and not (local / "config.json").is_file():
         raise UserError(f"model.name_or_path: {name} has no config.json (not a saved model directory)")
     try:
-        config = AutoConfig.from_pretrained(
-            str(local) if local.exists() else name,
-            trust_remote_code=model.trust_remote_code, revision=model.revision,
-        )
+        untyped = local.is_dir() and _untyped_family(local)
+        if untyped:
+            from transformers import CONFIG_MAPPING
+
+            config = CONFIG_MAPPING[untyped].from_pretrained(str(local))
+        else:
+            config = AutoConfig.from_pretrained(
+                str(local) if local.exists() else name,
+                trust_remote_code=model.trust_remote_code, revision=model.revision,
+            )
     except CONFIG_ERRORS as err:
         raise _unreadable_config(name, local.exists(), err) from None
     if local.is_dir():
         check_weights(local)
     return config
+
+
+def _untyped_family(folder: Path) -> str | None:
+    """The model type of a config.json that names none (older uploads, e.g. bert-tiny), read off its
+    `architectures`; None when it names one. transformers would otherwise guess from the folder's name."""
+    try:
+        fields = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # AutoConfig says what is wrong with the file
+    if not isinstance(fields, dict) or fields.get("model_type"):
+        return None
+    architectures = fields.get("architectures") or []
+    found = next((t for a in architectures if (t := _model_type_of_class(a))), None)
+    if found is None:
+        said = f" and its architectures ({', '.join(architectures)}) name no family transformers knows" \
+            if architectures else " and no architectures"
+        raise UserError(f"model.name_or_path: {folder / 'config.json'} has no model_type{said}; add the family's "
+                        f"name to it, e.g. \"model_type\": \"bert\" (t5, bart, marian, gpt2, llama, ...)")
+    log.info(f"{folder / 'config.json'} names no model_type; read as {found} (its architectures: "
+             f"{', '.join(architectures)})")
+    return found
+
+
+def _model_type_of_class(class_name: str) -> str | None:
+    from transformers.models.auto import modeling_auto
+
+    for mapping_name in dir(modeling_auto):
+        mapping = getattr(modeling_auto, mapping_name)
+        if mapping_name.startswith("MODEL_") and mapping_name.endswith("_MAPPING_NAMES") and isinstance(mapping, dict):
+            for model_type, classes in mapping.items():
+                if class_name == classes or (isinstance(classes, (list, tuple)) and class_name in classes):
+                    return model_type
+    return None
 
 
 def _unreadable_config(name: str, is_local: bool, err: Exception) -> UserError:
@@ -68,10 +109,12 @@ def _unreadable_config(name: str, is_local: bool, err: Exception) -> UserError:
         )
     if is_local:
         return UserError(f"model.name_or_path: cannot read the config in {name}: {_reason(err)}")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     return UserError(
         f"model.name_or_path: '{name}' is not a local directory and cannot be fetched from the "
         f"Hugging Face Hub ({_first_line(err)}); give the path of a saved model directory, "
         f"or model.config for a scratch model"
+        + ("" if offline else "; without a network, set HF_HUB_OFFLINE=1 to use the Hub cache without waiting")
     )
 
 
@@ -284,12 +327,49 @@ def build_model(model: ModelSection, config: PretrainedConfig, encoding: Encodin
         )
         if built.get_input_embeddings().num_embeddings < len(tokenizer):
             built.resize_token_embeddings(len(tokenizer))
-    generation = getattr(built, "generation_config", None)
-    if generation is not None and generation.pad_token_id is None:
-        generation.pad_token_id = tokenizer.pad_token_id
+    freeze_unsaved(built)
+    align_generation(getattr(built, "generation_config", None), tokenizer)
     if model.gradient_checkpointing:
         built.gradient_checkpointing_enable()
     return built
+
+
+def freeze_unsaved(model: Any) -> list[str]:
+    """Parameters the architecture leaves out of save_pretrained (`_keys_to_ignore_on_save`, e.g. Marian's
+    sinusoidal positions, recomputed on load) stay as loaded: trained, the saved model would not be the
+    evaluated one. A model built from its config freezes them itself; from_pretrained leaves them trainable."""
+    unsaved = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+    frozen = [name for name, parameter in model.named_parameters() if name in unsaved and parameter.requires_grad]
+    for name, parameter in model.named_parameters():
+        if name in frozen:
+            parameter.requires_grad_(False)
+    if frozen:
+        log.info(f"frozen {', '.join(frozen)}: {type(model).__name__} does not save them (they are recomputed "
+                 f"on load), so they stay as loaded")
+    return frozen
+
+
+def align_generation(generation: Any, tokenizer: Any) -> None:
+    """The generation config saved with the model names the saved tokenizer's special tokens: it pads as the
+    tokenizer pads, and stops at the tokenizer's eos (which ends every training target)."""
+    if generation is None:
+        return
+    changes = []  # logged where the checkpoint said otherwise (unset values are filled in silently)
+    pad, eos, bos = tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id
+    if pad is not None and generation.pad_token_id != pad:
+        if generation.pad_token_id is not None:
+            changes.append(f"pad_token_id {generation.pad_token_id} -> {pad} ({tokenizer.pad_token})")
+        generation.pad_token_id = pad
+    stops = generation.eos_token_id
+    stops = [] if stops is None else list(stops) if isinstance(stops, (list, tuple)) else [stops]
+    if eos is not None and eos not in stops:
+        changes.append(f"eos_token_id {generation.eos_token_id} -> {[*stops, eos] if stops else eos}")
+        generation.eos_token_id = [*stops, eos] if stops else eos
+    if bos is not None and generation.bos_token_id not in (None, bos):
+        changes.append(f"bos_token_id {generation.bos_token_id} -> {bos}")
+        generation.bos_token_id = bos
+    if changes:
+        log.info(f"generation config set to the tokenizer's tokens: {'; '.join(changes)}")
 
 
 def kernel_choices(model: ModelSection) -> dict[str, Any]:

@@ -24,6 +24,7 @@ def make_accelerator(settings: TrainSection, trackers: list[str] | None = None):
 
     launch.launch_problems(settings.bf16)
     launch.skip_deepspeed_inference_comm()
+    launch.join_this_attempt(settings.ddp_timeout)
     tensor_parallel.requested()  # bad sizes are bad input, found before the process group starts
     tensor_parallel.keep_accelerate_out()
     project = ProjectConfiguration(project_dir=settings.output_dir,
@@ -49,7 +50,7 @@ def _raw_tokenizer(plan: Plan, accelerator: Any) -> Any:
 
     spec = plan.recipe.model.tokenizer
     if spec is None or spec.train is None:
-        return tok.load_tokenizer(plan.recipe.model)
+        return tok.load_tokenizer(plan.recipe.model, plan.config)
     train = plan.splits["train"]
     key = tok.training_key(spec.train, plan.encoding.family, train._fingerprint)
     rows = train if spec.train.max_texts is None else train.select(range(min(spec.train.max_texts, len(train))))
@@ -90,18 +91,54 @@ def train_loader(plan: Plan, features: datasets.Dataset, collator: Any, data_pro
 
     settings = plan.recipe.train
     sampler = None
-    if settings.group_by_length:
+    split = plan.sources.get("train")
+    if split is not None and split.several and not settings.group_by_length:
+        # Drawn in the sources' proportions (hftk.train.mixing); unweighted, each example once an epoch.
+        from hftk.train.mixing import MixtureSampler
+
+        weights = [part.weight for part in split.parts] if split.weighted else split.feature_sizes
+        sampler = MixtureSampler(split.feature_sizes, weights, settings.seed)
+    elif settings.group_by_length:
         sampler = LengthGroupedSampler(example_lengths(features, plan.encoding.family),
                                        settings.per_device_train_batch_size * settings.gradient_accumulation_steps
                                        * data_processes, settings.seed)
+    plan.train_order = sampler
     return make_loader(features, collator, settings.per_device_train_batch_size, True, settings.seed,
                        settings.dataloader_num_workers, sampler)
 
 
+def stream_loader(plan: Plan, accelerator: Any, tokenizer: Any, collator: Any, data_processes: int) -> Any:
+    """data.streaming: this process's share of the stream, checked, tokenized and batched as it is read."""
+    from hftk.errors import UserError
+    from hftk.streaming import StreamLoader, stream_rows
+
+    if data_processes != accelerator.num_processes:
+        raise UserError("data.streaming splits the stream over every process; tensor parallelism (processes that "
+                        "read the same batches) is not supported with it")
+    source, own, where = plan.sources["train"].stream
+    settings = plan.recipe.train
+    return StreamLoader(stream_rows(source, "train", where, plan.recipe.data.max_train_samples), plan.task, tokenizer,
+                        own, plan.encoding.family, collator, settings.per_device_train_batch_size,
+                        settings.max_steps * settings.gradient_accumulation_steps, accelerator.process_index,
+                        accelerator.num_processes, accelerator.device, where)
+
+
 def tokenized(plan: Plan, accelerator: Any, tokenizer: Any, key: str, training: bool) -> datasets.Dataset:
+    """Several sources are tokenized one by one (text_generation's blocks never join two), laid end to end;
+    the split's feature_sizes say where each begins."""
+    split = plan.sources.get(key)
     with accelerator.main_process_first():
-        return data.tokenize(plan.splits[key], plan.task, tokenizer, plan.recipe.data, plan.encoding.family, training,
-                             split=key)
+        if split is None or not split.several:
+            features = data.tokenize(plan.splits[key], plan.task, tokenizer, plan.recipe.data, plan.encoding.family,
+                                     training, split=key)
+            if split is not None:
+                split.feature_sizes = [len(features)]
+            return features
+        features = [data.tokenize(part.rows, plan.task, tokenizer, plan.recipe.data, plan.encoding.family, training,
+                                  split=key, offset=0 if training else start)
+                    for part, (_, start, _) in zip(split.parts, split.row_ranges())]
+    split.feature_sizes = [len(f) for f in features]
+    return datasets.concatenate_datasets(features)
 
 
 def decoder_inputs_for(model: Any) -> Any:

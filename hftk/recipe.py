@@ -9,10 +9,10 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from hftk.errors import UserError
 from hftk.recipe_yaml import merge, parse_overrides, read_yaml
@@ -109,28 +109,88 @@ class ModelSection(Section):
         return self
 
 
+# The data keys that name where a row's fields are; a source in a list may set its own (mapped to the
+# recipe's on load).
+COLUMN_KEYS = ("id_column", "source_column", "target_column", "source_lang", "target_lang", "translation_column",
+               "question_column", "context_column", "answer_column", "text_column", "messages_column")
+
+
 class DataSource(Section):
-    """A local json/jsonl/csv/parquet file, or a Hub dataset {path, name, split}."""
+    """A local json/jsonl/csv/parquet file, or a Hub dataset {path, name, split}; in a list of sources, also
+    its own column keys, weight and label."""
 
     path: str = Field(description="A local .json/.jsonl/.csv/.parquet file, or a Hub dataset id.")
     name: str | None = Field(None, description="A Hub dataset's configuration name.")
     split: str | None = Field(None, description="A Hub dataset's split (default: the key's name, e.g. validation); "
                                                 "a local file has none.")
     revision: str | None = Field(None, description="A Hub dataset's branch, tag or commit.")
+    label: str | None = Field(None, description="The source's name in train_examples_by_source and in "
+                                                "eval_<label>_<metric> (default: the file's stem or the Hub id).")
+    weight: float | None = Field(None, gt=0, le=1e9, description="Several training sources: the share of drawn "
+                                                                 "examples from this one (relative to the others' "
+                                                                 "weights); unset on all: the sources are "
+                                                                 "concatenated.")
+    id_column: str | None = Field(None, description="This source's data.id_column, if its name differs.")
+    source_column: str | None = Field(None, description="This source's data.source_column, if its name differs.")
+    target_column: str | None = Field(None, description="This source's data.target_column, if its name differs.")
+    source_lang: str | None = Field(None, description="This source's data.source_lang, if it differs.")
+    target_lang: str | None = Field(None, description="This source's data.target_lang, if it differs.")
+    translation_column: str | None = Field(None, description="This source's data.translation_column, if it differs.")
+    question_column: str | None = Field(None, description="This source's data.question_column, if it differs.")
+    context_column: str | None = Field(None, description="This source's data.context_column, if it differs.")
+    answer_column: str | None = Field(None, description="This source's data.answer_column, if it differs.")
+    text_column: str | None = Field(None, description="This source's data.text_column, if it differs.")
+    messages_column: str | None = Field(None, description="This source's data.messages_column, if it differs.")
 
     _home_expanded = field_validator("path")(_expand_home)
 
+    def default_label(self) -> str:
+        """The file's stem (`news` for data/news.jsonl), or the Hub id (with its config name)."""
+        if self.label:
+            return self.label
+        suffixes = "".join(Path(self.path).suffixes)
+        if suffixes and suffixes.lstrip(".").split(".")[0] in ("json", "jsonl", "csv", "parquet"):
+            return Path(self.path).name.removesuffix(suffixes)
+        return self.path + (f"/{self.name}" if self.name else "")
+
+    def columns(self) -> dict[str, str]:
+        """The column keys this source sets itself."""
+        return {key: getattr(self, key) for key in COLUMN_KEYS if getattr(self, key) is not None}
+
 
 def _source(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_source(item) for item in value]
     return {"path": value} if isinstance(value, str) else value
+
+
+# One source or a list of them; the tags keep pydantic from reporting a mistake under both shapes.
+ONE, MANY = "one source", "list of sources"
+Sources = Annotated[Annotated[DataSource, Tag(ONE)] | Annotated[list[DataSource], Tag(MANY)],
+                    Discriminator(lambda value: MANY if isinstance(value, list | tuple) else ONE)]
+
+
+def as_sources(value: DataSource | list[DataSource] | None) -> list[DataSource]:
+    """A split's sources as a list (one for a single source, none for an unset split)."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list | tuple) else [value]
 
 
 class DataSection(Section):
     """The splits, their columns and token lengths. Column names default to the task's public schema."""
 
-    train: DataSource = Field(description="The training rows: a file path, or {path, name, split} for a Hub dataset.")
-    validation: DataSource | None = Field(None, description="Rows evaluated during and after training.")
-    test: DataSource | None = Field(None, description="Rows for `hftk eval --split test`.")
+    train: Sources = Field(
+        description="The training rows: a file path, or {path, name, split} for a Hub dataset; or a list of them, "
+                    "each with its own column keys, weight and label.")
+    validation: Sources | None = Field(
+        None, description="Rows evaluated during and after training (a list: each source is also scored alone).")
+    test: Sources | None = Field(None, description="Rows for `hftk eval --split test`.")
+    streaming: bool = Field(False, description="Read data.train as a stream (datasets' IterableDataset), in order: "
+                                               "nothing loaded or tokenized whole; needs train.max_steps.")
+    stream_check_rows: int = Field(1000, ge=1, le=MAX_COUNT, description="Streaming: validate and plan judge this "
+                                                                         "many first rows; a bad row met later is "
+                                                                         "skipped and counted.")
     # Column names; a task fills in the public schema's names where these are left out.
     id_column: str | None = Field(None, description="Column whose value names each row in predictions.jsonl "
                                                     "(default: id, else the row number).")
@@ -169,6 +229,37 @@ class DataSection(Section):
                                                    "shape) and log how many, instead of stopping with exit 2.")
 
     _as_source = field_validator("train", "validation", "test", mode="before")(_source)
+
+    @field_validator("train", "validation", "test")
+    @classmethod
+    def _sources_apart(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        if not value:
+            raise ValueError("an empty list of sources; give one file, or a list of at least one source")
+        labels = [source.default_label() for source in value]
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        if twice:
+            raise ValueError(f"several sources are labelled {', '.join(repr(t) for t in twice)}; give each a "
+                             f"label of its own")
+        weighted = [source.weight is not None for source in value]
+        if any(weighted) and not all(weighted):
+            raise ValueError("give every source a weight (drawn in those proportions) or none (concatenated)")
+        return value
+
+    @model_validator(mode="after")
+    def _weights_only_for_training(self) -> DataSection:
+        for key in ("validation", "test"):
+            if any(source.weight is not None for source in as_sources(getattr(self, key))):
+                raise ValueError(f"weight draws training examples, and every {key} row is scored: leave it out "
+                                 f"of data.{key}")
+        if self.streaming and isinstance(self.train, list) and len(self.train) > 1:
+            raise ValueError("data.streaming reads one training source; give data.train one source, or "
+                             "leave data.streaming off to mix several")
+        return self
+
+    def sources(self, key: str) -> list[DataSource]:
+        return as_sources(getattr(self, key))
 
 
 class TrainSection(Section):
@@ -225,7 +316,19 @@ class TrainSection(Section):
                           "rate and scaling, about 3x cheaper than torch's serial draws); false: torch's own. "
                           "GPUs and gradient checkpointing always use torch's.")
     ddp_timeout: int = Field(1800, ge=10, le=MAX_TIMEOUT_S,
-                             description="Seconds a collective may wait for a silent process.")
+                             description="Seconds a collective may wait for a silent process before every other "
+                                         "process ends with a line naming it; must cover the longest evaluation "
+                                         "and checkpoint save.")
+    on_divergence: Literal["stop", "rollback"] = Field(
+        "stop", description="On a non-finite loss, or a step loss above spike_factor x the running median: stop "
+                            "(exit 1), or rollback: go back to the newest checkpoint, skip that optimizer step's "
+                            "micro-batches and go on (at most max_rollbacks times).")
+    spike_factor: float | None = Field(
+        None, gt=1, description="A step whose loss exceeds this many times the median of the previous "
+                                "steps' losses (up to 32 of them, from the 5th step on) counts as a divergence; "
+                                "unset: only non-finite losses do.")
+    max_rollbacks: int = Field(3, ge=1, le=1000, description="train.on_divergence=rollback: how many rollbacks a "
+                                                             "run may make before it stops with exit 1.")
     ddp_bucket_cap_mb: float | None = Field(
         None, gt=0, le=1024, description="DDP's gradient bucket size in MB (unset: torch's 25); smaller buckets "
                                           "start sending sooner during the backward pass. DDP launches only.")
@@ -241,6 +344,10 @@ class TrainSection(Section):
     early_stopping_threshold: float = Field(0.0, ge=0, description="How much the metric must improve to count.")
     report_to: list[TrackerName] = Field(
         default_factory=list, description="Experiment trackers that receive the logged metrics, through Accelerate.")
+    eval_on_start: bool | None = Field(
+        None, description="Evaluate before the first optimizer step (the step-0 row of metrics.jsonl, "
+                          "predictions_step0.jsonl); unset: yes for a pretrained model.name_or_path, no for a "
+                          "scratch model.config.")
 
     _home_expanded = field_validator("output_dir", "resume_from_checkpoint")(_expand_home)
 
@@ -297,6 +404,12 @@ class EvalSection(Section):
     metric_source: Literal["local", "hub"] = Field(
         "local", description="local: the metric libraries installed here; hub: evaluate.load from the Hub."
     )
+    bootstrap_samples: int = Field(
+        1000, ge=0, le=MAX_COUNT, description="Bootstrap resamples of the evaluated examples behind each "
+                                              "eval_<metric>_ci95 95% interval (0: no intervals; metric_source "
+                                              "local only).")
+    bootstrap_seed: int = Field(12345, ge=1, le=MAX_SEED, description="Seeds the resamples (sacreBLEU's default; "
+                                                                      "it reads 0 as unseeded).")
 
 
 class ParallelSection(Section):
@@ -344,6 +457,14 @@ class HubSection(Section):
     push: bool = Field(False, description="Upload output_dir with its model card once training ends.")
     repo_id: str | None = Field(None, description="USER/NAME on the Hub.")
     private: bool = Field(False, description="Create the repository as private.")
+    require_better_than: str | None = Field(
+        None, description="Push only a run significantly better (paired test, p < 0.05) than this run folder, or "
+                          "than its own step-0 score with `start`; otherwise the push is skipped.")
+    require_better_on: str | None = Field(
+        None, description="The metric require_better_than compares (default: the task's headline metric: rougeL, "
+                          "bleu, f1 or perplexity).")
+
+    _home_expanded = field_validator("require_better_than")(_expand_home)
 
     @model_validator(mode="after")
     def _repo_to_push(self) -> HubSection:
@@ -372,11 +493,33 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
+    def _weights_or_lengths(self) -> Recipe:
+        if self.train.group_by_length and any(s.weight is not None for s in self.data.sources("train")):
+            raise ValueError("train.group_by_length orders every example by length, which would undo the sources' "
+                             "weights; leave one of the two out")
+        return self
+
+    @model_validator(mode="after")
+    def _stream_needs_steps(self) -> Recipe:
+        if self.data.streaming and not self.train.max_steps:
+            raise ValueError("data.streaming needs train.max_steps: a stream has no length to count epochs by")
+        return self
+
+    @model_validator(mode="after")
     def _evaluations_need_data(self) -> Recipe:
-        wants = [k for k in ("load_best_model_at_end", "early_stopping_patience") if getattr(self.train, k)]
+        wants = [k for k in ("load_best_model_at_end", "early_stopping_patience", "eval_on_start")
+                 if getattr(self.train, k)]
         if wants and self.data.validation is None:
             raise ValueError(f"train.{wants[0]} needs data.validation to evaluate on")
+        if self.hub and self.hub.require_better_than == "start" and not self.evaluates_on_start():
+            raise ValueError("hub.require_better_than=start needs the step-0 score: set train.eval_on_start=true")
         return self
+
+    def evaluates_on_start(self) -> bool:
+        """train.eval_on_start, or unset: a pretrained checkpoint has a score worth knowing, a scratch model none."""
+        if self.data.validation is None:
+            return False
+        return self.train.eval_on_start if self.train.eval_on_start is not None else bool(self.model.name_or_path)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json", exclude_none=True)
@@ -399,7 +542,7 @@ def validate_recipe(raw: dict[str, Any], source: str = "recipe") -> Recipe:
 
 
 def _describe(error: dict[str, Any]) -> str:
-    loc = [str(part) for part in error["loc"]]
+    loc = [str(part) for part in error["loc"] if part not in (ONE, MANY)]
     dotted = ".".join(loc) or "recipe"
     if error["type"] == "extra_forbidden":
         hint = _closest_key(loc)
@@ -415,12 +558,21 @@ def _describe(error: dict[str, Any]) -> str:
 def _closest_key(loc: list[str]) -> str | None:
     section: type[BaseModel] = Recipe
     for part in loc[:-1]:
+        if part.isdigit():  # an item of a list of sources
+            continue
         field = section.model_fields.get(part)
-        annotation = getattr(field, "annotation", None)
-        inner = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
-        models = [a for a in inner if issubclass(a, BaseModel)]
-        if not models:
+        found = _model_in(getattr(field, "annotation", None))
+        if found is None:
             return None
-        section = models[0]
+        section = found
     match = difflib.get_close_matches(loc[-1], list(section.model_fields), n=1, cutoff=0.6)
     return ".".join(loc[:-1] + match) if match else None
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The section class inside an annotation (through unions, lists and Annotated)."""
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((found for arg in typing.get_args(annotation) if (found := _model_in(arg)) is not None), None)

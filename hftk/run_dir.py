@@ -23,8 +23,8 @@ RUN_MANIFEST = "hftk_run.json"
 
 # Every top-level name a run, `hftk eval` or a later hftk version may write into output_dir.
 OUTPUT_PATTERNS = (
-    RUN_MANIFEST, f".{RUN_MANIFEST}.partial", "recipe.yaml", "metrics.jsonl", "predictions.jsonl", "all_results.json", "eval_results.json",
-    "README.md", "samples.jsonl", "train.log", "training_curves.png", "checkpoint-*", ".checkpoint-*",
+    RUN_MANIFEST, f".{RUN_MANIFEST}.partial", "recipe.yaml", "metrics.jsonl", "predictions.jsonl", "predictions_step0.jsonl", "all_results.json", "eval_results.json",
+    "README.md", "samples.jsonl", "train.log", "training_curves.png", "report.png", "checkpoint-*", ".checkpoint-*",
     "config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
     "pytorch_model*.bin", "tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "spiece.model",
     "sentencepiece*.model", "chat_template.*", "added_tokens.json", "adapter_*", "merged", "runs", "eval", ".eval_results",
@@ -119,6 +119,9 @@ def rerun_refusal(settings: Any) -> str | None:
         return (f"train.output_dir: {output_dir} holds a finished run, so there is nothing to resume; set "
                 f"train.overwrite_output_dir=true to train it afresh, or choose another output_dir")
     if holds_run(output_dir) and not settings.overwrite_output_dir and not settings.resume_from_checkpoint:
+        if finished(output_dir):  # only what finetune accepts: a finished run has nothing to resume
+            return (f"train.output_dir: {output_dir} already holds a finished run; set train.overwrite_output_dir=true "
+                    f"to train it afresh, or choose another output_dir")
         return (f"train.output_dir: {output_dir} already holds a run; set train.resume_from_checkpoint=latest to "
                 f"continue it, train.overwrite_output_dir=true to start afresh, or choose another output_dir")
     return None

@@ -22,8 +22,11 @@ REGENERATE = "python -m hftk recipe-schema --write-readme README.md"
 
 
 def _section_of(annotation: Any) -> type[BaseModel] | None:
-    candidates = typing.get_args(annotation) or (annotation,)
-    return next((a for a in candidates if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    """The section a key holds, looked for through unions and annotations (data.train: one source or a
+    list of them lists a source's keys)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((found for arg in typing.get_args(annotation) if (found := _section_of(arg)) is not None), None)
 
 
 def _type_name(annotation: Any) -> str:

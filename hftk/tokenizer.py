@@ -18,13 +18,16 @@ from hftk.tasks.base import DECODER_ONLY, ENCODER_DECODER
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>", "<s>"]
 
 
-def load_tokenizer(model: ModelSection) -> Any:
+def load_tokenizer(model: ModelSection, config: Any = None) -> Any:
+    """`config`: the model's resolved config, for a folder whose config.json does not name its model type."""
     from transformers import AutoTokenizer
 
     name = (model.tokenizer and model.tokenizer.name_or_path) or model.name_or_path
+    extra = {} if config is None or (model.tokenizer and model.tokenizer.name_or_path) else {"config": config}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=model.trust_remote_code, revision=model.revision)
-    except (OSError, ValueError) as err:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=model.trust_remote_code, revision=model.revision,
+                                                  **extra)
+    except (OSError, ValueError, ImportError) as err:  # ImportError: a Hub tokenizer needing a missing package
         raise UserError(f"cannot load the tokenizer from '{name}': {str(err).strip().splitlines()[0]}") from None
     return with_pad_token(tokenizer)
 

@@ -26,7 +26,7 @@ from typing import Any
 from hftk import checkpoint
 from hftk.cache import cache_root
 from hftk.logs import log
-from hftk.preflight import check_surroundings
+from hftk.preflight import check_surroundings, with_prefix
 from hftk.recipe import Recipe
 
 # The libraries whose code takes part in the input checks; a new version may answer differently.
@@ -48,7 +48,8 @@ def validate(recipe: Recipe, remember: bool = True) -> list[str]:
         for level, message in answer["log"]:  # what the checks said the first time (dropped rows, repairs)
             log.log(level, message)
     if resume_from is not None:
-        checkpoint.check_compatible(resume_from, recipe, answer["train_digest"])
+        resolved = with_prefix(recipe, answer.get("source_prefix"))  # as finetune resolves it
+        checkpoint.check_compatible(resume_from, resolved, answer["train_digest"])
     return [answer["verdict"], *(f"note: {note}" for note in notes)]
 
 
@@ -57,11 +58,13 @@ def _check_inputs(recipe: Recipe) -> dict[str, Any]:
 
     with _hftk_records() as records:
         plan = check_inputs(recipe)
-    sizes = ", ".join(f"{key}: {len(rows)} rows" for key, rows in plan.splits.items())
+    sizes = ", ".join(f"{key}: {len(rows)} rows" if plan.sources[key].stream is None else
+                      f"{key}: a stream, its first {len(rows)} rows judged" for key, rows in plan.splits.items())
     family = plan.encoding.family
     article = "an" if family[0] in "aeiou" else "a"
     verdict = f"ok: {recipe.task} on {article} {family} {plan.config.model_type} model; {sizes}"
-    return {"verdict": verdict, "log": records, "train_digest": plan.train_digest}
+    return {"verdict": verdict, "log": records, "train_digest": plan.train_digest,
+            "source_prefix": plan.recipe.data.source_prefix}
 
 
 @contextlib.contextmanager
@@ -83,7 +86,7 @@ def _hftk_records() -> Iterator[list[tuple[int, str]]]:
 def inputs_key(recipe: Recipe) -> str | None:
     """A digest of everything the input checks' answer depends on, or None when it cannot be known from
     here (a Hub dataset or model, a data file that is not there)."""
-    sources = [s for s in (recipe.data.train, recipe.data.validation, recipe.data.test) if s is not None]
+    sources = [s for key in ("train", "validation", "test") for s in recipe.data.sources(key)]
     files = [_stat(Path(source.path)) for source in sources]
     model = recipe.model.name_or_path
     model_files: list[Any] = []

@@ -125,6 +125,69 @@ def model_construction(accelerator: Any):
         plugin.set_deepspeed_weakref()
 
 
+# What Gloo and NCCL say when a peer is silent past the timeout, or gone.
+_SILENT = ("Timed out waiting", "collective operation timeout", "timed out after", "Timeout waiting")
+_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing", "communicator was aborted",
+         "Broken pipe")
+
+
+@contextlib.contextmanager
+def collective_failures(timeout_s: int, latest: Any):
+    """A collective that failed because another process froze or died becomes one line naming
+    train.ddp_timeout and the newest checkpoint, on every process, instead of a traceback."""
+    from hftk.errors import CollectiveFailure
+
+    try:
+        yield
+    except RuntimeError as err:
+        text = str(err)
+        if any(s in text for s in _SILENT):
+            what = (f"no answer from another process within train.ddp_timeout={timeout_s} s (a process stopped, a "
+                    f"wedged data worker, a network partition)")
+        elif any(s in text for s in _GONE):
+            what = "another process of this launch ended (its own lines say why)"
+        else:
+            raise
+        saved = latest()
+        raise CollectiveFailure(
+            f"{what}; last checkpoint: {saved or 'none'}; with train.resume_from_checkpoint=latest a relaunch (or "
+            f"accelerate launch --max_restarts) continues from it; train.ddp_timeout must also cover the longest "
+            f"evaluation and checkpoint save") from None
+
+
+def restart_count() -> int:
+    """Which attempt this is: torch elastic's restarts (accelerate launch / torchrun --max_restarts), or a
+    SLURM requeue; 0 for the first."""
+    for name in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 0
+
+
+def join_this_attempt(timeout_s: int) -> None:
+    """A restarted attempt joins its process group under a key prefix of its own. torch elastic's static
+    rendezvous (accelerate launch's and torchrun's default) keeps one store for every attempt, so the
+    processes of a restart could read the dead attempt's addresses and wait on them; the first attempt
+    is left to Accelerate as always."""
+    import datetime
+
+    import torch.distributed as dist
+
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if attempt in ("", "0") or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or dist.is_initialized():
+        return
+    timeout = datetime.timedelta(seconds=timeout_s)
+    world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    gpu = torch.cuda.is_available() and not env_true("ACCELERATE_USE_CPU")
+    if gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if gpu else "gloo", store=dist.PrefixStore(f"hftk/attempt_{attempt}", store),
+                            rank=rank, world_size=world, timeout=timeout)
+
+
 def skip_deepspeed_inference_comm() -> None:
     """DeepSpeed's CPU backend compiles its shared-memory all-reduce kernel when it starts (about a
     minute on a fresh machine, then a load on every launch), and only its inference all-reduce uses it:

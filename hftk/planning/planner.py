@@ -21,15 +21,8 @@ from typing import Any
 from hftk.errors import UserError
 from hftk.models import first_size
 from hftk.planning.scaling import DEVICE_COUNTS, Interconnect, ScalePlan, TensorParallelRun, scale_plan, tensor_shapes
+from hftk.planning.tables import print_plan  # noqa: F401 - `hftk plan` prints through this name
 from hftk.recipe import Recipe
-
-
-def _size(num_bytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if num_bytes < 1024 or unit == "GiB":
-            return f"{num_bytes:.1f} {unit}" if unit != "B" else f"{num_bytes:.0f} B"
-        num_bytes /= 1024
-    return ""
 
 
 @dataclass
@@ -374,7 +367,8 @@ def make_plan(recipe: Recipe, launch: LaunchShape, link: Interconnect | None = N
     if probe_steps:
         from hftk.planning import probe as probing
 
-        probe = probing.probe_steps(plan, tokenizer, features, probe_steps, total_steps)
+        probe = probing.probe_steps(plan, tokenizer, features, probe_steps, total_steps,
+                                    counts.micro_batch_positions * settings.gradient_accumulation_steps)
     return PlanReport(
         probe=probe,
         task=recipe.task, model_type=plan.config.model_type, family=plan.encoding.family, parameters=total,
@@ -391,7 +385,8 @@ def make_plan(recipe: Recipe, launch: LaunchShape, link: Interconnect | None = N
         scale=scale_plan(tensor_shapes(model), recipe.parallel, precision, settings.gradient_accumulation_steps,
                          tokens_per_process_step, link or Interconnect(),
                          tuple(sorted({*DEVICE_COUNTS, launch.num_processes})),
-                         tensor_parallel_run(model, launch, counts, settings.max_grad_norm, precision)),
+                         tensor_parallel_run(model, launch, counts, settings.max_grad_norm, precision),
+                         measured_step_seconds=probe.seconds_per_step if probe else None),
     )
 
 
@@ -408,77 +403,3 @@ def tensor_parallel_run(model: Any, launch: LaunchShape, counts: LoaderCounts,
     activation_size = precision.weights if precision.name != "no" else None
     return TensorParallelRun(found, launch.tp_size if launch.tp_size > 1 else 2, counts.micro_batch_positions,
                              max_grad_norm is not None, activation_size)
-
-
-def print_plan(report: PlanReport) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console()
-    launch = report.launch
-    console.print(f"[bold]{report.task}[/] on {'an' if report.family[0] in 'aeiou' else 'a'} {report.family} "
-                  f"{report.model_type} model: {report.parameters:,} parameters ({report.trainable_parameters:,} "
-                  f"trained); {launch.num_processes} process(es), mixed_precision={launch.mixed_precision}")
-    memory = Table(title="model states per process (weights + gradients + optimizer)")
-    for column in ("strategy", "device", "CPU", "+ activations (estimate)"):
-        memory.add_column(column, justify="left" if column == "strategy" else "right")
-    for name, where in report.memory_per_process.items():
-        mark = " (this config)" if name == launch.strategy else ""
-        memory.add_row(name + mark, _size(where["device"]), _size(where["cpu"]), _size(report.activation_bytes_per_process))
-    console.print(memory)
-    if report.persistent_parameters:
-        console.print(f"  zero3 also keeps {report.persistent_parameters:,} parameters whole on every process (tensors "
-                      f"of at most {launch.param_persistence_threshold} elements, stage3_param_persistence_threshold)")
-    lengths = Table(title=f"training tokens per example ({report.train_examples} examples)")
-    for column in ("", "mean", "p50", "p90", "p99", "max", "at the limit (truncated)"):
-        lengths.add_column(column, justify="right")
-    for name, stats in (("source", report.source_lengths), ("target", report.target_lengths)):
-        if stats is not None:
-            lengths.add_row(name, f"{stats.mean:.1f}", str(stats.p50), str(stats.p90), str(stats.p99),
-                            str(stats.max), f"{stats.at_limit:.1%}")
-    console.print(lengths)
-    console.print(f"padding: {report.padding_fraction:.1%} of the positions in training batches"
-                  + (" (packed rows)" if report.packing else ""))
-    console.print(f"steps: {report.steps_per_epoch} per epoch, {report.total_steps} in all; "
-                  f"{report.tokens_per_step:,.0f} tokens and {report.flops_per_step:.3g} FLOPs (6 x params x tokens) "
-                  f"per optimizer step")
-    if report.probe is not None:
-        probe = report.probe
-        console.print(f"probe: {_duration(probe.seconds_per_step)} per optimizer step on {probe.device} (one process, "
-                      f"mean of {probe.steps_measured} after a warm-up); the {report.total_steps} steps: about "
-                      f"{_duration(probe.estimated_training_seconds)} of training, evaluation not included")
-    print_scale(console, report.scale, launch.strategy, report.launch.num_processes)
-
-
-def _duration(seconds: float) -> str:
-    if seconds >= 1:
-        return f"{seconds:.2f} s"
-    return f"{seconds * 1e3:.3g} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.3g} µs"
-
-
-def print_scale(console: Any, scale: ScalePlan, strategy: str, processes: int) -> None:
-    """Bytes sent and step time per (strategy, hook) and device count, one cell each."""
-    from rich.table import Table
-
-    link = scale.interconnect
-    counts = sorted({row.processes for row in scale.rows})
-    table = Table(title=f"scale on paper: bytes each process sends on a ring per optimizer step / step time; "
-                        f"{link.bandwidth_gbps:g} Gbit/s, {link.latency_us:g} µs per hop, {link.tflops:g} TFLOP/s "
-                        f"per device, compute {_duration(scale.compute_seconds_per_step)} per step, no overlap")
-    table.add_column("strategy")
-    for n in counts:
-        table.add_column(f"{n} device{'s' if n > 1 else ''}" + (" (this)" if n == processes else ""), justify="right")
-    cells: dict[tuple[str, str], dict[int, str]] = {}
-    labels: dict[tuple[str, str], str] = {}
-    for row in scale.rows:
-        key = (row.strategy, row.comm_hook)
-        cells.setdefault(key, {})[row.processes] = f"{_size(row.wire_bytes_per_step)} / {_duration(row.step_seconds)}"
-        labels[key] = (f"{row.strategy} + {row.comm_hook}" if row.strategy == "ddp" else
-                       f"fsdp_tp (tp {row.tp_size})" if row.strategy == "fsdp_tp" else row.strategy)
-    runs = (strategy.removesuffix("_offload"), scale.comm_hook if strategy == "ddp" else "none")
-    for key, values in cells.items():
-        # a TP layout that does not fit a device count (heads, group size) has no cell there
-        table.add_row(labels[key] + (" (this config)" if key == runs else ""), *(values.get(n, "-") for n in counts))
-    console.print(table)
-    for note in scale.notes:
-        console.print(f"  {note}")

@@ -367,6 +367,8 @@ class ScalePlan:
     comm_hook: str  # the recipe's
     rows: list[ScaleRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # "probe": measured here by `hftk plan --probe`; "tflops": 6 x parameters x tokens at interconnect.tflops
+    compute_source: str = "tflops"
 
 
 def scale_row(strategy: str, hook: str, processes: int, collectives: list[Collective], link: Interconnect,
@@ -384,12 +386,17 @@ def scale_row(strategy: str, hook: str, processes: int, collectives: list[Collec
 
 def scale_plan(shapes: list[TensorShape], parallel: Any, precision: Any, accumulation: int,
                tokens_per_process_step: float, link: Interconnect, device_counts: tuple[int, ...],
-               tensor_parallel: TensorParallelRun | None = None) -> ScalePlan:
+               tensor_parallel: TensorParallelRun | None = None,
+               measured_step_seconds: float | None = None) -> ScalePlan:
     """Every (strategy, hook) at every device count; the per-device batch stays the recipe's (a TP group's
-    batch under TP). TP rows only for a model with a tensor-parallel plan."""
+    batch under TP). TP rows only for a model with a tensor-parallel plan. The compute of a step is the
+    one-process step `hftk plan --probe` measured here, or else 6 x parameters x tokens at link.tflops."""
     parameters = sum(s.numel for s in shapes)
-    compute = 6 * parameters * tokens_per_process_step / (link.tflops * 1e12)
-    plan = ScalePlan(link, compute, tokens_per_process_step, parallel.comm_hook)
+    if measured_step_seconds is not None:
+        compute, source = measured_step_seconds, "probe"
+    else:
+        compute, source = 6 * parameters * tokens_per_process_step / (link.tflops * 1e12), "tflops"
+    plan = ScalePlan(link, compute, tokens_per_process_step, parallel.comm_hook, compute_source=source)
     combinations = [("ddp", hook) for hook in HOOKS] + [(strategy, "none") for strategy in SHARDED]
     for strategy, hook in combinations:
         for n in device_counts:

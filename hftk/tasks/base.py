@@ -38,6 +38,7 @@ class Encoding:
 class Task(Protocol):
     name: str
     uses_target_length: bool  # False where data.max_target_length bounds nothing (text_generation's blocks)
+    headline_metric: str  # what a push gate and a comparison lead with (no eval_ prefix)
 
     def encodings(self) -> dict[str, Encoding]:
         """The model families this task supports, with the Auto class each uses."""
@@ -58,11 +59,18 @@ class Task(Protocol):
     def repair(self, dataset: Any, data: DataSection, where: str) -> Any:
         """The checked split with what real-world data gets wrong mended (QA answer offsets), logged."""
 
+    def to_recipe_columns(self, dataset: Any, own: DataSection, data: DataSection, where: str) -> Any:
+        """One source of a list, checked under its own column keys (`own`), in the recipe's columns only."""
+
     def texts(self, rows: dict[str, list[Any]], data: DataSection) -> Iterable[str]:
         """Raw text to train a scratch tokenizer on."""
 
     def prepare_tokenizer(self, tokenizer: Any) -> Any:
         """The tokenizer as this task needs it (a chat template for dialogue)."""
+
+    def pipeline_task(self, data: DataSection) -> str | None:
+        """The key of a pretrained config's task_specific_params for this task ("summarization",
+        "translation_en_to_fr"), whose prefix applies when data.source_prefix is unset; None: no prefix."""
 
     def preprocess(
         self, rows: dict[str, list[Any]], tokenizer: Any, data: DataSection, family: str, training: bool,
@@ -88,6 +96,13 @@ class Task(Protocol):
     def compute_metrics(self, predictions: list[str], references: list[Any], source: str) -> dict[str, float]:
         """Metric values named as `evaluate` names them, without the eval_ prefix."""
 
+    def example_scores(self, predictions: list[str], references: list[Any]) -> list[dict[str, float]]:
+        """Each example's own score for every metric that is a mean over examples (ROUGE, exact match,
+        F1), named as compute_metrics names them; empty where the metric is corpus-level."""
+
+    def corpus_statistics(self, predictions: list[str], references: list[Any]) -> dict[str, Any]:
+        """Corpus-level metrics (BLEU, chrF) as per-sentence statistics to resample (hftk.intervals)."""
+
 
 class TaskDefaults:
     """What most tasks do for the optional hooks of Task; a task overrides what it needs."""
@@ -99,6 +114,43 @@ class TaskDefaults:
 
     def prepare_tokenizer(self, tokenizer: Any) -> Any:
         return tokenizer
+
+    def pipeline_task(self, data: DataSection) -> str | None:
+        return None
+
+    def to_recipe_columns(self, dataset: Any, own: DataSection, data: DataSection, where: str) -> Any:
+        return renamed_columns(dataset, self.columns(own), self.columns(data), where)
+
+    def example_scores(self, predictions: list[str], references: list[Any]) -> list[dict[str, float]]:
+        return [{} for _ in predictions]
+
+    def corpus_statistics(self, predictions: list[str], references: list[Any]) -> dict[str, Any]:
+        return {}
+
+
+def renamed_columns(dataset: Any, own: list[str], wanted: list[str], where: str) -> Any:
+    """The columns `own` of a datasets.Dataset, renamed one for one to `wanted`."""
+    from hftk.errors import UserError
+
+    if len(own) != len(wanted):
+        raise UserError(f"{where}: its columns {', '.join(own)} do not map one for one onto the recipe's "
+                        f"{', '.join(wanted)}; set the same kind of column keys on it as on data")
+    dataset = dataset.select_columns(list(dict.fromkeys(own)))
+    renames = {mine: theirs for mine, theirs in zip(own, wanted) if mine != theirs}
+    return dataset.rename_columns(renames) if renames else dataset
+
+
+# The public schema's column names, each with the data key that names another column instead.
+DEFAULT_COLUMN_KEYS = {"document": "source_column", "summary": "target_column", "translation": "translation_column",
+                       "question": "question_column", "context": "context_column", "answers": "answer_column",
+                       "text": "text_column", "messages": "messages_column"}
+
+
+def column_key(data: DataSection, column: str) -> str | None:
+    """The data key that names this column: the one the recipe set to it, else the key whose default it is."""
+    named = [key for key, value in data if key.endswith("_column") and value == column]
+    return f"data.{named[0]}" if named else (f"data.{DEFAULT_COLUMN_KEYS[column]}" if column in DEFAULT_COLUMN_KEYS
+                                             else None)
 
 
 def text_problem(column: str, value: Any) -> str | None:

@@ -1,7 +1,9 @@
 """Dialogue on OpenAI-style `messages` lists ({role, content}).
 
-Decoder-only: the tokenizer's chat template renders the conversation and the loss falls on the
-assistant turns only (a scratch tokenizer gets CHAT_TEMPLATE). Encoder-decoder: the history as
+Decoder-only: the tokenizer's chat template renders the conversation, which is tokenized as one text,
+and the loss falls on the assistant turns only: on the template's generation blocks where it has them
+(`{% generation %}`, as transformers' assistant mask reads them), else on the text each assistant turn
+adds. A tokenizer without a template gets CHAT_TEMPLATE. Encoder-decoder: the history as
 text to the last assistant reply. Evaluation generates the last reply from everything before it.
 """
 
@@ -23,15 +25,23 @@ from hftk.tasks.text_to_text import (
 )
 
 ROLES = {"system", "user", "assistant"}
-# For tokenizers without one: each turn is "<|role|>\n" + content + eos, so generation stops at eos.
+# For tokenizers without one: BOS (where the tokenizer has one of its own), then each turn as
+# "<|role|>\n" + content + eos + "\n", so generation stops at eos. The loss falls on an assistant's content
+# and eos (its generation block), not on the role line the prompt ends with nor the newline after eos.
+# (Newlines sit inside expressions: transformers renders with trim_blocks, which drops one after a tag.)
 CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}{{ eos_token }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    "{% if bos_token and bos_token != eos_token %}{{ bos_token }}{% endif %}"
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
+GENERATION_BLOCK = "{% generation %}"
 
 
 class Dialogue(TaskDefaults):
     name = "dialogue"
+    headline_metric = "rougeL"
 
     def encodings(self):
         return TEXT_TO_TEXT_ENCODINGS
@@ -96,6 +106,9 @@ class Dialogue(TaskDefaults):
     def compute_metrics(self, predictions: list[str], references: list[str], source: str) -> dict[str, float]:
         return metrics.rouge(predictions, references, source)
 
+    def example_scores(self, predictions: list[str], references: list[str]) -> list[dict[str, float]]:
+        return metrics.rouge_per_example(predictions, references)
+
 
 def conversation_problem(messages: Any, column: str) -> str | None:
     if messages is None:
@@ -130,10 +143,70 @@ def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> st
 
 
 def chat_tokens(tokenizer: Any, messages: list[dict], last_turn_only: bool) -> tuple[list[int], list[int]]:
-    """Token ids of the rendered conversation and labels that keep only assistant replies.
+    """Token ids of the rendered conversation, as apply_chat_template gives them, and labels that keep
+    only the assistant's tokens (with last_turn_only, the last reply's)."""
+    if GENERATION_BLOCK in (tokenizer.chat_template or ""):
+        encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                                return_assistant_tokens_mask=True)
+        ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
+        if not any(mask):
+            raise UserError("the tokenizer's chat template puts no assistant reply in its generation blocks; "
+                            "hftk would have nothing to learn")
+    elif getattr(tokenizer, "is_fast", False):
+        text, spans = _assistant_spans(tokenizer, messages)
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(encoded["input_ids"])
+        mask = _overlaps(encoded["offset_mapping"], spans)
+    else:
+        return _piecewise_tokens(tokenizer, messages, last_turn_only)
+    runs = _runs(mask)
+    keep = runs[-1:] if last_turn_only else runs
+    labels = [IGNORE_INDEX] * len(ids)
+    for start, stop in keep:
+        labels[start:stop] = ids[start:stop]
+    return ids, labels
 
-    The conversation is rendered turn by turn; each new piece of text is tokenized on its own, so
-    the boundary between what the model reads and what it must write is exact for any template."""
+
+def _assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the characters each assistant turn adds after its generation prompt:
+    the template rendered turn by turn, each rendering a prefix of the next."""
+    text = _render(tokenizer, messages, generation_prompt=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = _render(tokenizer, messages[:i], generation_prompt=True)
+        after = _render(tokenizer, messages[: i + 1], generation_prompt=False)
+        if not (after.startswith(prompt) and text.startswith(after)):
+            raise _not_additive()
+        spans.append((len(prompt), len(after)))
+    return text, spans
+
+
+def _not_additive() -> UserError:
+    return UserError("the tokenizer's chat template does not render a conversation as the sum of its turns; "
+                     "hftk cannot tell the assistant's tokens apart (a template with {% generation %} blocks can)")
+
+
+def _overlaps(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """1 for every token that overlaps a span, as transformers' assistant mask counts them."""
+    return [int(any(start < stop_ and stop > start_ for start_, stop_ in spans)) for start, stop in offsets]
+
+
+def _runs(mask: list[int]) -> list[tuple[int, int]]:
+    """(start, stop) of each stretch of 1s: one per assistant reply."""
+    runs, start = [], None
+    for i, value in enumerate([*mask, 0]):
+        if value and start is None:
+            start = i
+        elif not value and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def _piecewise_tokens(tokenizer: Any, messages: list[dict], last_turn_only: bool) -> tuple[list[int], list[int]]:
+    """For a tokenizer without offsets: each new piece of rendered text tokenized on its own."""
     ids: list[int] = []
     labels: list[int] = []
     rendered = ""
@@ -148,8 +221,7 @@ def chat_tokens(tokenizer: Any, messages: list[dict], last_turn_only: bool) -> t
         pieces.append((after, learn))
         for text, is_target in pieces:
             if not text.startswith(rendered):
-                raise UserError("the tokenizer's chat template does not render a conversation as the sum of its turns; "
-                                "hftk cannot tell the assistant's tokens apart")
+                raise _not_additive()
             piece = tokenizer(text[len(rendered):], add_special_tokens=False)["input_ids"]
             ids.extend(piece)
             labels.extend(piece if is_target else [IGNORE_INDEX] * len(piece))

@@ -29,6 +29,7 @@ NO_OFFSET = -1
 
 class ExtractiveQA(SquadRows):
     name = "extractive_qa"
+    headline_metric = "f1"
 
     def encodings(self):
         return {ENCODER_ONLY: Encoding(ENCODER_ONLY, "AutoModelForQuestionAnswering")}
@@ -121,6 +122,9 @@ class ExtractiveQA(SquadRows):
 
     def compute_metrics(self, predictions: list[str], references: list[list[str]], source: str) -> dict[str, float]:
         return metrics.squad(predictions, references)
+
+    def example_scores(self, predictions: list[str], references: list[list[str]]) -> list[dict[str, float]]:
+        return metrics.squad_per_example(predictions, references)
 
 
 def _span(offsets: list[tuple[int, int]], sequence: list[int | None], answers: dict) -> tuple[int, int]:

@@ -25,6 +25,7 @@ from hftk.tasks.text_to_text import (
 
 class GenerativeQA(SquadRows):
     name = "generative_qa"
+    headline_metric = "f1"
 
     def encodings(self):
         return TEXT_TO_TEXT_ENCODINGS
@@ -63,3 +64,6 @@ class GenerativeQA(SquadRows):
 
     def compute_metrics(self, predictions: list[str], references: list[list[str]], source: str) -> dict[str, float]:
         return metrics.squad(predictions, references)
+
+    def example_scores(self, predictions: list[str], references: list[list[str]]) -> list[dict[str, float]]:
+        return metrics.squad_per_example(predictions, references)

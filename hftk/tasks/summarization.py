@@ -23,6 +23,7 @@ PROMPT_CUE = "\nSummary:"
 
 class Summarization(TaskDefaults):
     name = "summarization"
+    headline_metric = "rougeL"
 
     def encodings(self):
         return TEXT_TO_TEXT_ENCODINGS
@@ -48,6 +49,9 @@ class Summarization(TaskDefaults):
 
     def source_label(self, data: DataSection) -> str:
         return f"'{self._source(data)}'"
+
+    def pipeline_task(self, data: DataSection) -> str | None:
+        return "summarization"
 
     def texts(self, rows: dict[str, list[Any]], data: DataSection):
         for column in self.columns(data):
@@ -83,3 +87,6 @@ class Summarization(TaskDefaults):
 
     def compute_metrics(self, predictions: list[str], references: list[str], source: str) -> dict[str, float]:
         return metrics.rouge(predictions, references, source)
+
+    def example_scores(self, predictions: list[str], references: list[str]) -> list[dict[str, float]]:
+        return metrics.rouge_per_example(predictions, references)

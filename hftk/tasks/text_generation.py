@@ -14,6 +14,7 @@ from hftk.tasks.text_to_text import TextToTextCollator
 class TextGeneration(TaskDefaults):
     name = "text_generation"
     uses_target_length = False  # blocks of max_source_length tokens; no separate target
+    headline_metric = "perplexity"  # lower is better
 
     def encodings(self):
         return {DECODER_ONLY: Encoding(DECODER_ONLY, "AutoModelForCausalLM")}

@@ -6,10 +6,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from hftk import metrics
+from hftk import intervals, metrics
 from hftk.errors import UserError
 from hftk.recipe import DataSection
-from hftk.tasks.base import DECODER_ONLY, TaskDefaults, first_problem, has_text, text_problem
+from hftk.tasks.base import DECODER_ONLY, TaskDefaults, first_problem, has_text, renamed_columns, text_problem
 from hftk.tasks.text_to_text import (
     TEXT_TO_TEXT_ENCODINGS,
     PromptParts,
@@ -30,6 +30,7 @@ def language_name(code: str) -> str:
 
 class Translation(TaskDefaults):
     name = "translation"
+    headline_metric = "bleu"
 
     def encodings(self):
         return TEXT_TO_TEXT_ENCODINGS
@@ -46,6 +47,14 @@ class Translation(TaskDefaults):
                                 "for WMT-style rows, or data.source_column and data.target_column")
             return [data.translation_column or "translation"]
         return [data.source_column, data.target_column]
+
+    def to_recipe_columns(self, dataset: Any, own: DataSection, data: DataSection, where: str) -> Any:
+        """Plain columns and {language: text} pairs map onto each other, and so do pairs in other languages."""
+        if self._nested(own) == self._nested(data) and (
+                not self._nested(data) or (own.source_lang, own.target_lang) == (data.source_lang, data.target_lang)):
+            return renamed_columns(dataset, self.columns(own), self.columns(data), where)
+        return dataset.map(_as_recipe_pairs, batched=True, remove_columns=dataset.column_names,
+                           fn_kwargs={"task": self, "own": own, "data": data}, desc="mapping columns")
 
     def pairs(self, rows: dict[str, list[Any]], data: DataSection) -> tuple[list[str], list[str]]:
         if self._nested(data):
@@ -84,6 +93,9 @@ class Translation(TaskDefaults):
     def source_label(self, data: DataSection) -> str:
         return f"'{data.source_column}'" if not self._nested(data) else f"'{data.source_lang}' text"
 
+    def pipeline_task(self, data: DataSection) -> str | None:
+        return f"translation_{data.source_lang}_to_{data.target_lang}" if data.source_lang and data.target_lang else None
+
     def texts(self, rows: dict[str, list[Any]], data: DataSection):
         sources, targets = self.pairs(rows, data)
         yield from sources
@@ -115,3 +127,15 @@ class Translation(TaskDefaults):
 
     def compute_metrics(self, predictions: list[str], references: list[list[str]], source: str) -> dict[str, float]:
         return metrics.bleu_chrf(predictions, references, source)
+
+    def corpus_statistics(self, predictions: list[str], references: list[list[str]]) -> dict[str, Any]:
+        return intervals.sacrebleu_statistics(predictions, references)
+
+
+def _as_recipe_pairs(rows: dict[str, list[Any]], task: Translation, own: DataSection,
+                     data: DataSection) -> dict[str, list[Any]]:
+    sources, targets = task.pairs(rows, own)
+    if task._nested(data):
+        return {data.translation_column or "translation": [{data.source_lang: s, data.target_lang: t}
+                                                            for s, t in zip(sources, targets)]}
+    return {data.source_column: sources, data.target_column: targets}

@@ -16,10 +16,11 @@ def improves(value: float, best: float | None, greater: bool, threshold: float =
 
 def record_evaluation(state: TrainState, settings: TrainSection, scores: dict[str, float], checkpointed: bool) -> None:
     """Note an evaluation at state.optimizer_step. Only one with a checkpoint at its step can become the
-    best when load_best_model_at_end is on: that checkpoint's weights are what the run ends with."""
+    best when load_best_model_at_end is on: that checkpoint's weights are what the run ends with. The
+    step-0 evaluation (train.eval_on_start) is never noted: no checkpoint holds its weights."""
     key = settings.metric_for_best_model
     if key not in scores:
-        shown = ", ".join(sorted(k for k in scores if k != "eval_samples"))
+        shown = ", ".join(sorted(k for k in scores if k != "eval_samples" and not k.endswith("_ci95")))
         raise RunError(f"train.metric_for_best_model: the evaluation has no {key}; it has {shown}")
     value, greater = float(scores[key]), settings.best_is_greater()
     if improves(value, state.stop_best_metric, greater, settings.early_stopping_threshold):

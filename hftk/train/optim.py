@@ -50,3 +50,21 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainSection, total
         train.lr_scheduler_type, optimizer,
         num_warmup_steps=warmup_steps(train, total_steps), num_training_steps=total_steps,
     )
+
+
+def learning_rates(train: TrainSection, total_steps: int, upto: int) -> list[float]:
+    """The rate of build_scheduler's schedule after each of optimizer steps 0..upto: entry s is what the
+    loop logs at step s (get_last_lr after the step) and what step s + 1 trains with. Stepped on a
+    one-number stand-in optimizer, so a picture can show the warm-up between logging steps."""
+    import warnings
+
+    stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=train.learning_rate)
+    scheduler = build_scheduler(stand_in, train, total_steps)
+    rates = [scheduler.get_last_lr()[0]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no gradients: the stand-in's step is a no-op, which torch may note
+        for _ in range(upto):
+            stand_in.step()
+            scheduler.step()
+            rates.append(scheduler.get_last_lr()[0])
+    return rates

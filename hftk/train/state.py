@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 
 @dataclass
@@ -19,11 +19,15 @@ class TrainState:
     best_step: int = 0
     stop_best_metric: float | None = None
     evaluations_without_improvement: int = 0
+    # train.spike_factor's running window of step losses, and what rollbacks did (train.on_divergence)
+    recent_losses: list[float] = field(default_factory=list)
+    skipped_windows: list[list[int]] = field(default_factory=list)  # [epoch, micro-batch position] of each skip
+    rollbacks: list[dict] = field(default_factory=list)
 
     def state_dict(self) -> dict:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        for field in fields(self):  # checkpoints from before a field existed keep its default
-            if field.name in state:
-                setattr(self, field.name, state[field.name])
+        for known in fields(self):  # checkpoints from before a field existed keep its default
+            if known.name in state:
+                setattr(self, known.name, state[known.name])

@@ -29,3 +29,17 @@ def one_process(tmp_path_factory) -> Path:
     run = run_hftk("finetune", str(recipe_file(tmp_path, "single", GLOBAL_BATCH)))
     assert run.returncode == 0, run.stderr[-3000:]
     return tmp_path / "single"
+
+
+@pytest.fixture(scope="session")
+def straight(tmp_path_factory) -> Path:
+    """An uninterrupted 2-process DDP launch of test_interruptions' recipe: what a stopped or restarted
+    launch of it must end as."""
+    from tests.conftest import accelerate_launch
+    from tests.integration.test_interruptions import recipe_path
+
+    tmp_path = tmp_path_factory.mktemp("straight")
+    launched = run_hftk("finetune", str(recipe_path(tmp_path, "straight")), launcher=accelerate_launch("ddp.yaml"),
+                        env={"ACCELERATE_USE_CPU": "false"})
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    return tmp_path / "straight"

@@ -38,8 +38,12 @@ def test_training_curves_draw_metrics_jsonl(two_runs):
     eval_rows = [r for r in rows if "eval_loss" in r]
     assert lines[("loss", "training loss")] == ([r["step"] for r in train_rows], [r["loss"] for r in train_rows])
     assert lines[("loss", "validation loss")] == ([r["step"] for r in eval_rows], [r["eval_loss"] for r in eval_rows])
-    assert lines[("learning rate", "learning rate")][1] == [r["learning_rate"] for r in train_rows]
-    assert lines[("eval metrics", "eval_rouge1")][1] == [r["eval_rouge1"] for r in eval_rows]
+    # the logged rates, and beside them the rate of every step from step 0 (pictures.schedule_series)
+    assert lines[("learning rate", "logged")][1] == [r["learning_rate"] for r in train_rows]
+    assert lines[("learning rate", "every step (recipe's schedule)")][0] == list(range(5))
+    # equal metrics share one line named after all of them ("rouge1 = rougeL")
+    rouge1 = next(label for title, label in lines if title == "eval metrics" and "rouge1" in label.split(" = "))
+    assert lines[("eval metrics", rouge1)][1] == [r["eval_rouge1"] for r in eval_rows]
     assert [r["step"] for r in eval_rows] == [2, 4]  # during training at step 2, and the final one
     assert ("eval metrics", "eval_samples") not in lines
 
@@ -66,8 +70,8 @@ def test_report_compares_two_runs(two_runs, tmp_path):
     assert picture.read_bytes()[:4] == b"\x89PNG"
     panels = comparison_series(two_runs)
     slow_eval = [r["eval_loss"] for r in read_metrics(two_runs[0]) if "eval_loss" in r]
-    assert panels["loss"]["slow: validation loss"][1] == slow_eval
-    assert set(panels["eval_rougeL"]) == {"slow", "fast"}
+    assert panels["validation loss"]["slow"][1] == slow_eval
+    assert set(next(runs for title, runs in panels.items() if "rougeL" in title.split(" = "))) == {"slow", "fast"}
 
 
 def test_report_refuses_an_unfinished_run(tmp_path):

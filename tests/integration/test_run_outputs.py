@@ -27,10 +27,12 @@ def test_validate_notes_what_finetune_would_do_with_a_finished_run(finished):
     result = run_hftk("validate", str(recipe))
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[0].startswith("ok: summarization on an encoder-decoder t5 model")
+    # Only options finetune accepts: a finished run has nothing to resume.
     assert result.stdout.splitlines()[1] == (f"note: finetune would stop (exit 2): train.output_dir: {run} already "
-                                             f"holds a run; set train.resume_from_checkpoint=latest to continue it, "
-                                             f"train.overwrite_output_dir=true to start afresh, or choose another "
-                                             f"output_dir")
+                                             f"holds a finished run; set train.overwrite_output_dir=true to train it "
+                                             f"afresh, or choose another output_dir")
+    resumed = run_hftk("finetune", str(recipe), "train.resume_from_checkpoint=latest")
+    assert resumed.returncode == 2 and "nothing to resume" in resumed.stderr
     fresh = run_hftk("validate", str(recipe), "train.overwrite_output_dir=true")
     assert fresh.stdout.splitlines()[1] == (f"note: train.output_dir: finetune would remove the earlier run's files "
                                             f"in {run} and start afresh")

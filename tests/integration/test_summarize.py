@@ -83,7 +83,9 @@ def test_rerun_refuses_and_leaves_the_run_untouched(trained):
     before = digest(trained)
     result = run_hftk("finetune", RECIPE, f"train.output_dir={trained}")
     assert result.returncode == 2
-    assert "already holds a run" in result.stderr and "resume_from_checkpoint=latest" in result.stderr
+    # Only what finetune accepts: a finished run has nothing to resume.
+    assert "already holds a finished run" in result.stderr and "overwrite_output_dir=true" in result.stderr
+    assert "resume_from_checkpoint" not in result.stderr
     assert digest(trained) == before
 
 

@@ -86,7 +86,8 @@ def test_output_dir_and_logged_notes_are_fresh_on_a_remembered_answer(tmp_path):
     second = CliRunner().invoke(app, ["validate", str(path)])
     assert second.exit_code == 0, second.output
     assert second.stdout.splitlines()[0] == first.stdout.splitlines()[0]
-    assert f"note: finetune would stop (exit 2): train.output_dir: {run} already holds a run" in second.stdout
+    assert f"note: finetune would stop (exit 2): train.output_dir: {run} already holds a finished run" in second.stdout
+    assert "resume_from_checkpoint" not in second.stdout  # finetune would refuse that on a finished run
     dropped = "data.train: dropped 1 bad rows of 3001"
     assert dropped in first.stderr and dropped in second.stderr  # what the checks logged is shown again
 

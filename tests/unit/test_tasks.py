@@ -160,11 +160,12 @@ def test_dialogue_loss_only_on_assistant_turns(tokenizers):
     tok = task.prepare_tokenizer(tokenizers[DECODER_ONLY])
     _, labels = chat_tokens(tok, CHATS["messages"][0], last_turn_only=False)
     learned = tok.decode([t for t in labels if t != IGNORE_INDEX])
-    assert learned == "Lima.</s>\nSantiago.</s>\n"
+    assert learned == "Lima.</s>Santiago.</s>"  # no loss on the role lines nor the newline after each eos
     _, last = chat_tokens(tok, CHATS["messages"][0], last_turn_only=True)
-    assert tok.decode([t for t in last if t != IGNORE_INDEX]) == "Santiago.</s>\n"
+    assert tok.decode([t for t in last if t != IGNORE_INDEX]) == "Santiago.</s>"
     features = task.preprocess(CHATS, tok, data(), DECODER_ONLY, False)
     prompt = tok.decode(features["prompt_input_ids"][0])
+    assert prompt.startswith("<s><|")  # the fallback template carries BOS
     assert prompt.endswith("<|user|>\nAnd Chile?</s>\n<|assistant|>\n")
 
 
