@@ -271,9 +271,12 @@ def _set_range(axes: Any, panel: Panel) -> None:
         axes.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 0.1, 0.2, 0.5, 1, 2, 5
         axes.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 0.2, not 2 x 10^-1
         axes.yaxis.set_minor_formatter(NullFormatter())
-    elif panel.from_zero or all(len(line.steps) == 1 for line in panel.lines):
-        # scores read against zero; room above for the labels of single points
-        axes.set_ylim(min(0.0, low * 1.1), high * 1.15 if high > 0 else 1.0)
+    elif panel.from_zero or high == low or all(len(line.steps) == 1 for line in panel.lines):
+        # read against zero, with room above for the labels of single points (and no band around a flat 0)
+        top = high * 1.15 if high > 0 else 1.0
+        axes.set_ylim(min(0.0, low * 1.1) - (0.03 * top if high == low == 0 else 0.0), top)  # a flat 0 off the spine
+    elif low >= 0 and axes.get_ylim()[0] < 0:  # losses, rates and scores are never negative
+        axes.set_ylim(bottom=0)
 
 
 # --- training_curves.png ---

@@ -178,3 +178,9 @@ def test_report_draws_next_to_the_first_run_and_says_where(tmp_path):
     assert f"picture: {runs[0] / 'report.png'}" in result.stdout
     assert (runs[0] / "report.png").read_bytes()[:4] == b"\x89PNG"
     assert not (tmp_path / "report.png").exists()  # not in the current directory
+
+
+def test_scores_of_zero_are_not_drawn_on_a_negative_axis(tmp_path):
+    run = make_run(tmp_path / "run", TRAIN_LOSSES, {30: {"eval_rouge1": 0.0}, 50: {"eval_rouge1": 0.0}})
+    low, high = panels_of(draw_training_curves(run))["eval metrics"].get_ylim()
+    assert -0.05 < low < 0 and high == 1.0  # a line at 0 just above the axis, not a band around it
