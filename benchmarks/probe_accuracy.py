@@ -40,9 +40,12 @@ def probe_estimate(recipe: str, steps: int, overrides: list[str], output_dir: Pa
     done, wall = hftk("plan", recipe, "--probe", str(steps), "--json", f"train.output_dir={output_dir}", *overrides,
                       cwd=cwd)
     report = json.loads(done.stdout)
-    return {"estimated_training_seconds": report["probe"]["estimated_training_seconds"],
-            "seconds_per_step": report["probe"]["seconds_per_step"], "total_steps": report["total_steps"],
-            "plan_wall_seconds": wall}
+    probe = report["probe"]
+    # an older checkout's probe records fewer of these
+    extra = {key: probe[key] for key in ("steps_measured", "fastest_step", "slowest_step", "cpu_share") if key in probe}
+    return {"estimated_training_seconds": probe["estimated_training_seconds"],
+            "seconds_per_step": probe["seconds_per_step"], "total_steps": report["total_steps"],
+            "plan_wall_seconds": wall, **extra}
 
 
 def real_run(recipe: str, overrides: list[str], output_dir: Path) -> dict:

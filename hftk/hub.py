@@ -259,7 +259,7 @@ def push_run(run_dir: Path, repo_id: str, private: bool, token: str | None, api:
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         api.upload_folder(
             folder_path=str(run_dir), repo_id=repo_id, commit_message="Upload model trained with hftk",
-            ignore_patterns=["checkpoint-*", ".checkpoint-*", "*.partial/*", "metrics.jsonl"],
+            ignore_patterns=["checkpoint-*", ".checkpoint-*", "*.partial/*", "metrics.jsonl", "report.png"],
         )
     except Exception as err:  # noqa: BLE001 - network, auth and repo errors end the same way for the user
         raise UserError(f"push to {repo_id} failed: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}") from None

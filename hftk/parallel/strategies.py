@@ -141,6 +141,9 @@ class CpuFsdpStrategy:
             if type(module).__name__ in blocks:
                 fully_shard(module, reshard_after_forward=reshard)
         fully_shard(model, reshard_after_forward=reshard)
+        # The root's state is set up by its first forward; an evaluation before any training step
+        # (train.eval_on_start) enters through the encoder instead, which FSDP2 refuses: set it up now.
+        model._get_fsdp_state()._lazy_init()
         forward_in_mixed_precision(accelerator, model)
         local = sum(p.to_local().numel() for p in model.parameters())
         total = sum(p.numel() for p in model.parameters())

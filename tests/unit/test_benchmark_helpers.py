@@ -13,6 +13,7 @@ from tests.conftest import ROOT
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu
+import probe_accuracy
 import qa_example
 import vs_trainers
 
@@ -59,3 +60,10 @@ def test_postprocess_picks_the_best_span_or_the_null_answer():
     end = np.array([[0.0, 0.0, 5.0, 1.0], [9.0, 0.0, 1.0, 0.0]])
     answers = qa_example.postprocess_qa_predictions(examples, features, (start, end), version_2_with_negative=True)
     assert answers == {"a": "cat", "b": ""}
+
+
+def test_probe_accuracy_counts_estimates_within_a_quarter_of_the_real_time():
+    rows = [{"estimated_training_seconds": e, "train_runtime": 50.0} for e in (50.0, 100.0, 40.0)]
+    summary = probe_accuracy.ratio_summary(rows)
+    assert summary["ratios"] == [1.0, 2.0, 0.8] and summary["median_ratio"] == 1.0
+    assert (summary["min_ratio"], summary["max_ratio"], summary["within_25_percent"]) == (0.8, 2.0, 2)
