@@ -23,6 +23,11 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+# How long the other processes of a launch wait, after the same known ending, before they exit: the
+# launcher ends every process once one has exited, and the first must have printed its line by then.
+SPEAKER_GRACE_S = 3.0
+
+
 def _is_first_on_machine() -> bool:
     """Prints the line a run ends with: each machine keeps its own log, and the machine a scheduler
     stopped must say so (and where the checkpoint is) as well as machine 0."""
@@ -64,6 +69,10 @@ def _guarded(action: Callable[[], object], quiet: bool = False, verbose: bool = 
         if _is_first_on_machine() or getattr(err, "each_process", False):
             kind = "stopped" if err.exit_status == 75 else "error"
             print(f"hftk: {kind}: {err}", file=sys.stderr)
+        else:  # the first process speaks for the machine: leave after it, or the launcher ends it first
+            import time
+
+            time.sleep(SPEAKER_GRACE_S)
         raise typer.Exit(err.exit_status) from None
 
 
