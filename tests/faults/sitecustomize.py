@@ -93,8 +93,10 @@ def _spike(count: int, keyed: bool) -> None:
             with open(path, "w") as handle:
                 json.dump(rows, handle)
             return share * 1000
-        with open(path) if os.path.exists(path) else open(os.devnull) as handle:
-            keys = {tuple(r) for r in json.loads(handle.read() or "[]")}
+        keys = set()
+        if os.path.exists(path):
+            with open(path) as handle:
+                keys = {tuple(r) for r in json.load(handle)}
         return share * 1000 if any(tuple(r) in keys for r in rows) else share
 
     loop.train_window = spiking
