@@ -27,7 +27,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from hftk import models
 from hftk.parallel import comm_hooks
 from hftk.preflight import plan_inputs
-from hftk.prepare import build_tokenizer, make_accelerator, make_loader, tokenized
+from hftk.prepare import build_tokenizer, decoder_inputs_for, make_accelerator, make_loader, tokenized
+from hftk.precision import device_type, resolve_precision
 from hftk.recipe import load_recipe
 from hftk.train.loop import LoopParts, train_window
 from hftk.train.optim import build_optimizer, build_scheduler
@@ -69,16 +70,16 @@ class ByteCounter:
 
 def measure(recipe_path: str, hook: str, steps: int = STEPS, topk_ratio: float | None = None,
             overrides: tuple[str, ...] = ()) -> dict:
-    """`topk_ratio` None: the recipe's own (parallel.topk_ratio, 0.01 unless it says)."""
+    """`topk_ratio` None: the recipe's own (parallel.topk_ratio, 0.25 unless it says)."""
     ratio = [] if topk_ratio is None else [f"parallel.topk_ratio={topk_ratio}"]
     recipe = load_recipe(recipe_path, [*overrides, f"train.output_dir=/tmp/hftk-comm-bytes-{hook}", f"parallel.comm_hook={hook}",
                                        *ratio, f"parallel.powersgd_start_iter={POWERSGD_START}"])
     plan = plan_inputs(recipe, ["train"])
-    accelerator = make_accelerator(recipe.train)
+    accelerator = make_accelerator(recipe.train, resolve_precision(recipe.train.bf16, plan.encoding.family, device_type()))
     tokenizer = build_tokenizer(plan, accelerator)
     model = models.build_model(recipe.model, plan.config, plan.encoding, tokenizer)
     features = tokenized(plan, accelerator, tokenizer, "train", training=True)
-    collator = plan.task.collator(tokenizer, plan.encoding.family, model.prepare_decoder_input_ids_from_labels)
+    collator = plan.task.collator(tokenizer, plan.encoding.family, decoder_inputs_for(model))
     loader = make_loader(features, collator, recipe.train.per_device_train_batch_size, True, recipe.train.seed)
     model, optimizer, loader = accelerator.prepare(model, build_optimizer(model, recipe.train), loader)
     if hook == "none":
@@ -102,7 +103,8 @@ def measure(recipe_path: str, hook: str, steps: int = STEPS, topk_ratio: float |
     parameters = sum(p.numel() for p in model.parameters())
     last = min(LAST, steps)
     return {"hook": hook, "parameters": parameters, "bytes_per_step_after_warmup": per_step[-1],
-            "bytes_first_step": per_step[0], f"loss_last_{LAST}_steps": sum(losses[-last:]) / last,
+            "bytes_first_step": per_step[0], "bytes_mean_per_step": round(sum(per_step) / steps),
+            f"loss_last_{LAST}_steps": sum(losses[-last:]) / last,
             "seconds_per_step": round(sum(seconds[1:]) / max(steps - 1, 1), 4), "accelerator": accelerator}
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from safetensors import SafetensorError
 
 from hftk.errors import RunError, UserError
+from hftk.precision import Resolved, resolve_precision
 
 MANIFEST = "hftk_checkpoint.json"
 PREFIX = "checkpoint-"
@@ -115,7 +116,9 @@ def _latest_intact(output_dir: Path) -> Path | None:
 
 def save_checkpoint(accelerator: Any, output_dir: Path, optimizer_step: int, recipe_yaml: str,
                     save_total_limit: int | None, save_extra: Callable[[Path], None] | None = None,
-                    data_digest: str | None = None, keep_step: int | None = None) -> Path:
+                    data_digest: str | None = None, keep_step: int | None = None,
+                    precision: str | None = None) -> Path:
+    """precision: what the run trains in, train.bf16 resolved (hftk.precision); a resume compares it."""
     output_dir = Path(output_dir)
     final = output_dir / f"{PREFIX}{optimizer_step}"
     partial = output_dir / f".{PREFIX}{optimizer_step}.partial"
@@ -132,7 +135,8 @@ def save_checkpoint(accelerator: Any, output_dir: Path, optimizer_step: int, rec
             (partial / "recipe.yaml").write_text(recipe_yaml)
             manifest = {"complete": True, "optimizer_step": optimizer_step, "saved_at": time.time(),
                         "write_seconds": round(time.perf_counter() - started, 3),
-                        "num_processes": accelerator.num_processes, "versions": library_versions(),
+                        "num_processes": accelerator.num_processes,
+                        "precision": precision or str(accelerator.mixed_precision), "versions": library_versions(),
                         "train_data": data_digest, "files": _file_sizes(partial)}
             _write_synced(partial / MANIFEST, json.dumps(manifest, indent=2))
             if final.exists():  # a rerun that reached the same step again
@@ -188,6 +192,28 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+# Compared as what they resolve to, not as written (train.bf16=auto may resolve to a saved false).
+RESOLVED_ON_RESUME = ("train.bf16",)
+
+
+def saved_precision(folder: Path) -> str:
+    """What a checkpoint trained in, as Accelerate names it ("bf16", "fp16", "no"): its manifest's record.
+    One saved before the record trained as its recipe.yaml's train.bf16 (true or false, false when absent:
+    the default then) resolves: false is the launcher's mixed_precision, fp32 unless it sets one."""
+    import yaml
+
+    manifest = read_manifest(folder) or {}
+    if manifest.get("precision"):
+        return str(manifest["precision"])
+    raw = yaml.safe_load((folder / "recipe.yaml").read_text()) or {}
+    return resolve_precision((raw.get("train") or {}).get("bf16") is True).mixed_precision
+
+
+def resumed_precision(folder: Path, recipe: Any, family: str | None = None, device: str | None = None) -> Resolved:
+    """train.bf16 resolved for a resume from `folder`: auto follows the checkpoint unless the launcher sets one."""
+    return resolve_precision(recipe.train.bf16, family, device, saved=saved_precision(folder))
+
+
 def check_compatible(folder: Path, recipe: Any, data_digest: str | None = None) -> None:
     """A resumed run must be the same run: refuse training settings that differ from the checkpoint's."""
     import yaml
@@ -197,10 +223,14 @@ def check_compatible(folder: Path, recipe: Any, data_digest: str | None = None) 
     saved = _flatten(validate_recipe(yaml.safe_load((folder / "recipe.yaml").read_text())).to_dict())
     current = _flatten(recipe.to_dict())
     differing = [k for k in sorted(set(saved) | set(current))
-                 if saved.get(k) != current.get(k) and not k.startswith(FREE_ON_RESUME)]
-    if differing:
-        changes = ", ".join(f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in differing)
-        raise UserError(f"train.resume_from_checkpoint: {folder} was saved with other training settings: {changes}; "
+                 if saved.get(k) != current.get(k) and not k.startswith(FREE_ON_RESUME + RESOLVED_ON_RESUME)]
+    changes = [f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in differing]
+    trained, resolved = saved_precision(folder), resumed_precision(folder, recipe)
+    if resolved.mixed_precision != trained:
+        changes.append(f"precision ({trained!r} -> {resolved.mixed_precision!r}: {resolved.reason})")
+    if changes:
+        raise UserError(f"train.resume_from_checkpoint: {folder} was saved with other training settings: "
+                        f"{', '.join(changes)}; "
                         f"resume with the same settings or start afresh")
     manifest = read_manifest(folder) or {}
     saved_digest = manifest.get("train_data")

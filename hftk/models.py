@@ -414,6 +414,10 @@ def check_kernel(model: ModelSection, config: PretrainedConfig, encoding: Encodi
 # tests/unit/test_packing.py. Others (OPT derives positions from the attention mask, BLOOM's ALiBi
 # ignores position ids) would let them.
 PACKING_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "gemma")
+# Encoder-decoder families whose masks and positions hftk.train.packed_forward routes (T5's relative bias
+# needs no positions; BART's learned and Marian's sinusoidal tables get each example's own), each checked
+# by tests/unit/test_packing_seq2seq.py.
+SEQ2SEQ_PACKING_FAMILIES = ("t5", "bart", "marian")
 # The kernels that take that mask. transformers' flash-attention path finds packed examples only in a
 # single flattened row, and hftk packs several rows per batch.
 PACKING_KERNELS = (None, "eager", "sdpa")
@@ -421,12 +425,18 @@ PACKING_KERNELS = (None, "eager", "sdpa")
 
 def check_packing(model: ModelSection, config: PretrainedConfig, family: str) -> None:
     """train.packing on a model that would let packed examples attend to each other is bad input."""
-    why = "packed examples are kept apart only by a decoder-only model's causal mask built from position ids"
-    if family != DECODER_ONLY:
-        raise UserError(f"train.packing: {why}; this {config.model_type} model is {family}; set train.packing=false")
-    if config.model_type not in PACKING_FAMILIES:
-        raise UserError(f"train.packing: {why}, which {config.model_type} models do not build (packing supports "
-                        f"{', '.join(PACKING_FAMILIES)}); set train.packing=false")
+    if family == ENCODER_DECODER:
+        why = "packed examples are kept apart by block-diagonal masks and per-example positions that hftk routes in"
+        supported, verb = SEQ2SEQ_PACKING_FAMILIES, "take"
+    elif family == DECODER_ONLY:
+        why = "packed examples are kept apart only by a decoder-only model's causal mask built from position ids"
+        supported, verb = PACKING_FAMILIES, "build"
+    else:
+        raise UserError(f"train.packing: packing lays several examples in one row of a decoder-only or "
+                        f"encoder-decoder model; this {config.model_type} model is {family}; set train.packing=false")
+    if config.model_type not in supported:
+        raise UserError(f"train.packing: {why}, which {config.model_type} models do not {verb} (packing supports "
+                        f"{', '.join(supported)}); set train.packing=false")
     if model.attn_implementation not in PACKING_KERNELS:
         raise UserError(f"train.packing: {why}; model.attn_implementation={model.attn_implementation} does not keep "
                         f"packed rows of a batch apart; use sdpa or eager")

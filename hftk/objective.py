@@ -12,14 +12,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hftk.tasks.base import DECODER_ONLY, ENCODER_ONLY, EXAMPLE_INDEX, IGNORE_INDEX, TOKEN_MASK
+from hftk.tasks.base import (DECODER_ONLY, ENCODER_MASK, ENCODER_ONLY, EXAMPLE_INDEX, IGNORE_INDEX,
+                             PACKED_SEQ2SEQ_INPUTS, TOKEN_MASK)
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "token_type_ids", "position_ids")
+MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "token_type_ids", "position_ids",
+                *PACKED_SEQ2SEQ_INPUTS)
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     inputs: dict[str, Any] = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
-    if "position_ids" in inputs:
+    if "position_ids" in inputs or ENCODER_MASK in batch:
         # A packed batch: transformers looks for example boundaries in position_ids only without a
         # cache, and a decoder builds one by default (use_cache), even in training.
         inputs["use_cache"] = False

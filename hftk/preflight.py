@@ -20,6 +20,7 @@ from hftk.recipe import Recipe
 if TYPE_CHECKING:
     import datasets
 
+    from hftk.precision import Resolved
     from hftk.tasks.base import Encoding, Task
 
 
@@ -37,6 +38,7 @@ class Plan:
     adapter: Any = None  # adapters.AdapterPlan when the recipe trains a LoRA adapter
     sources: dict[str, Any] = field(default_factory=dict)  # sources.Split per split: its parts and their labels
     train_order: Any = None  # the training loader's sampler, to count what it drew (train_examples_by_source)
+    precision: Resolved | None = None  # train.bf16 resolved for this launch (and its resume)
 
 
 def plan_inputs(recipe: Recipe, split_keys: list[str], model_dir: str | None = None) -> Plan:
@@ -106,7 +108,18 @@ def plan_finetune(recipe: Recipe, notes: list[str] | None = None) -> Plan:
     if resume_from is not None:
         checkpoint.check_compatible(resume_from, plan.recipe, plan.train_digest)
     plan.resume_from = resume_from
+    plan.precision = run_precision(plan)
     return plan
+
+
+def run_precision(plan: Plan) -> Resolved:
+    """train.bf16 resolved for this launch: as the checkpoint a resume starts from trained, where auto."""
+    from hftk.precision import device_type, resolve_precision
+
+    family, device = plan.encoding.family, device_type()
+    if plan.resume_from is not None:
+        return checkpoint.resumed_precision(plan.resume_from, plan.recipe, family, device)
+    return resolve_precision(plan.recipe.train.bf16, family, device)
 
 
 def check_inputs(recipe: Recipe) -> Plan:

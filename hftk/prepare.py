@@ -9,28 +9,30 @@ from typing import Any
 import datasets
 
 from hftk import data
-from hftk.logs import import_deepspeed_quietly, setup_logging
+from hftk.logs import import_deepspeed_quietly, log, setup_logging
 from hftk.parallel import launch, tensor_parallel
+from hftk.precision import Resolved
 from hftk.preflight import Plan
 from hftk.recipe import TrainSection
+from hftk.tasks.base import ENCODER_DECODER
 
 
-def make_accelerator(settings: TrainSection, trackers: list[str] | None = None):
+def make_accelerator(settings: TrainSection, precision: Resolved, trackers: list[str] | None = None):
+    """The Accelerator of this launch, in the precision resolved from train.bf16 (hftk.precision)."""
     import_deepspeed_quietly()  # before Accelerate imports it and it prints to stdout
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
     from hftk.experiment_trackers import LOGGING_DIR
 
-    launch.launch_problems(settings.bf16)
+    launch.launch_problems(precision.mixed_precision)
     launch.skip_deepspeed_inference_comm()
     launch.join_this_attempt(settings.ddp_timeout)
     tensor_parallel.requested()  # bad sizes are bad input, found before the process group starts
     tensor_parallel.keep_accelerate_out()
     project = ProjectConfiguration(project_dir=settings.output_dir,
                                    logging_dir=str(Path(settings.output_dir) / LOGGING_DIR))
-    # train.bf16 wins over the launcher's mixed_precision; unset, the launcher (or accelerate config) decides.
-    accelerator = Accelerator(cpu=launch.cpu_processes(), mixed_precision="bf16" if settings.bf16 else None,
+    accelerator = Accelerator(cpu=launch.cpu_processes(), mixed_precision=precision.accelerator_argument(),
                               dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
                               kwargs_handlers=[*launch.process_group_kwargs(settings.ddp_timeout),
                                                *launch.ddp_kwargs(settings.ddp_bucket_cap_mb)],
@@ -76,6 +78,12 @@ def make_loader(dataset: datasets.Dataset, collator: Any, batch_size: int, shuff
 
 def train_collator(plan: Plan, tokenizer: Any, model: Any) -> Any:
     """The task's collator (one example per row, padded), or with train.packing the packing one."""
+    if plan.recipe.train.packing and plan.encoding.family == ENCODER_DECODER:
+        from hftk.train.packing import PackedSeq2SeqCollator
+
+        data = plan.recipe.data
+        return PackedSeq2SeqCollator(tokenizer.pad_token_id, decoder_inputs_for(model),
+                                     (data.max_source_length, data.max_target_length))
     if plan.recipe.train.packing:
         from hftk.train.packing import PackedCollator, block_length
 

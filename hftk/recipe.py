@@ -307,10 +307,15 @@ class TrainSection(Section):
         False, description="Batch examples of similar length together: less padding, but batches less mixed "
                            "(can cost quality on short runs).")
     packing: bool = Field(
-        False, description="Decoder-only: lay each batch's examples back to back in rows of at most the task's "
-                           "maximum length, kept apart by position ids: less padding.")
-    bf16: bool = Field(
-        False, description="bf16 autocast (weights and optimizer stay fp32); wins over the launcher's mixed_precision.")
+        False, description="Lay each micro-batch's examples back to back in fewer rows, each example kept to "
+                           "itself (decoder-only: by position ids; T5, BART, Marian: block-diagonal masks and "
+                           "per-example positions): the same examples per step on less padding.")
+    bf16: bool | Literal["auto"] = Field(
+        "auto", description="bf16 autocast (weights and optimizer stay fp32). true: always, over the launcher's "
+                            "mixed_precision; false: the launcher's mixed_precision (fp32 unless it sets one); auto: "
+                            "the launcher's where it sets bf16 or fp16 (the bundled accelerate configs' \"no\" sets "
+                            "none), else a resumed checkpoint's, else fp32 for decoder-only models (faster here) and "
+                            "bf16 on a GPU or CPU with native bf16. The log's first lines say which.")
     fast_dropout: bool = Field(
         True, description="On CPUs, dropout masks from a vectorised counter hash seeded by torch's generator (same "
                           "rate and scaling, about 3x cheaper than torch's serial draws); false: torch's own. "
@@ -357,6 +362,13 @@ class TrainSection(Section):
         if not value.strip():  # an empty path would train into the current directory
             raise ValueError("is empty; name the folder the run writes to (e.g. runs/summarize)")
         return value
+
+    @field_validator("bf16", mode="before")
+    @classmethod
+    def _auto_or_bool(cls, value: Any) -> Any:
+        if value == "auto" or isinstance(value, bool):
+            return value
+        raise ValueError(f"must be auto, true or false, not {value!r}")
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -419,10 +431,24 @@ class ParallelSection(Section):
         "none", description="DDP gradient compression: fp16/bf16 casts, int8 quantization, top-k sparsification "
                             "(both with error feedback), or PowerSGD low-rank approximation."
     )
-    topk_ratio: float = Field(0.01, gt=0.0, le=1.0,
-                              description="topk: the fraction of each gradient tensor's entries sent every step.")
+    topk_ratio: float = Field(0.25, gt=0.0, le=1.0,
+                              description="topk: the fraction of each gradient tensor's entries sent every step "
+                                          "once the decay is over. The defaults send 16% of plain DDP's bytes and "
+                                          "end the bundled summarize, translate and dialogue recipes' first 60 "
+                                          "steps within 3% of its loss (benchmarks/RESULTS.md).")
     topk_start_iter: int = Field(10, ge=0, le=MAX_STEPS,
-                                 description="topk: plain all-reduce for this many optimizer steps first.")
+                                 description="topk: plain all-reduce for this many optimizer steps first, while "
+                                             "gradients change fastest.")
+    topk_decay_steps: int = Field(20, ge=0, le=MAX_STEPS,
+                                  description="topk: after the plain steps, the ratio falls exponentially from "
+                                              "topk_decay_from to topk_ratio over this many steps (0: topk_ratio at "
+                                              "once; at 10% on summarize, 1.10x plain DDP's loss at step 60 without, 1.03x with).")
+    topk_decay_from: float = Field(1.0, gt=0.0, le=1.0, description="topk: the ratio the decay starts from.")
+    topk_momentum: float = Field(0.0, ge=0.0, lt=1.0,
+                                 description="topk: momentum correction (Deep Gradient Compression): each process "
+                                             "sends the top-k of its accumulated local velocity u = momentum x u + g, "
+                                             "and a sent entry's velocity restarts at 0 (0: plain error feedback; "
+                                             "with AdamW, which has its own momentum, 0.9 trails further).")
     powersgd_rank: int = Field(1, ge=1, le=MAX_BATCH, description="PowerSGD matrix approximation rank.")
     powersgd_start_iter: int = Field(1000, ge=2, le=MAX_STEPS,
                                      description="Plain all-reduce (with error feedback warm-up) before this step.")

@@ -28,6 +28,7 @@ from hftk.prepare import (
     train_loader,
 )
 from hftk.recipe import Recipe
+from hftk.tasks.base import ENCODER_DECODER
 from hftk.report import write_training_curves
 from hftk.train.best import best_figures, record_evaluation
 from hftk.train.loop import LoopParts, train
@@ -38,7 +39,7 @@ def finetune(recipe: Recipe) -> dict[str, Any]:
 
     plan = plan_finetune(recipe)
     recipe = plan.recipe  # as resolved from the checkpoint (its task prefix), and so written to recipe.yaml
-    accelerator = make_accelerator(recipe.train, list(recipe.train.report_to))
+    accelerator = make_accelerator(recipe.train, plan.precision, list(recipe.train.report_to))
     strategy = strategy_for(recipe.parallel, accelerator, plan.config)
     tokenizer = build_tokenizer(plan, accelerator)
     models.check_vocabulary(recipe.model.config, tokenizer)
@@ -101,7 +102,12 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Strategy, tokenizer: 
     sizes = adapters.count_parameters(model)
     if fast_dropout.applies(settings, recipe.model, accelerator.device):
         fast_dropout.install(model)
+    if settings.packing and plan.encoding.family == ENCODER_DECODER:
+        from hftk.train import packed_forward
+
+        packed_forward.install(model)
     flops = flop_counter(model, plan.encoding.family)  # before sharding: every process counts the whole model
+    log.info(plan.precision.line())  # not earlier: bad input ends with its one line alone
     log.info(f"trainable parameters: {sizes['trainable_parameters']:,} of {sizes['total_parameters']:,} "
              f"({sizes['trainable_parameters'] / max(sizes['total_parameters'], 1):.2%})")
     launch.apply_recipe_to_deepspeed(accelerator, settings.max_grad_norm)
@@ -151,7 +157,8 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Strategy, tokenizer: 
         return str(checkpoint.save_checkpoint(
             accelerator, output_dir, state.optimizer_step, recipe.dump_yaml(), settings.save_total_limit,
             lambda folder: strategy.save_extra(accelerator, folder, model, optimizer), plan.train_digest,
-            keep_step=state.best_step if settings.load_best_model_at_end else None))
+            keep_step=state.best_step if settings.load_best_model_at_end else None,
+            precision=plan.precision.mixed_precision))
 
     progress = start_progress(accelerator.is_main_process, total_steps, state.optimizer_step)
     parts = LoopParts(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,

@@ -67,8 +67,9 @@ def tiny_recipe(tmp_path: Path, **sections) -> dict:
                  "validation": str(ROOT / "data/summarize/validation.jsonl"),
                  "max_train_samples": 64, "max_eval_samples": 16,
                  "max_source_length": 64, "max_target_length": 16},
+        # fp32 whatever the CPU: tests compare losses and bits across runs, strategies and reloads
         "train": {"output_dir": str(tmp_path / "run"), "max_steps": 4, "per_device_train_batch_size": 8,
-                  "learning_rate": 1e-3, "logging_steps": 2},
+                  "learning_rate": 1e-3, "logging_steps": 2, "bf16": False},
         "eval": {"per_device_eval_batch_size": 8, "max_new_tokens": 8},
     }
     for name, values in sections.items():

@@ -44,7 +44,8 @@ def register(model: Any, settings: ParallelSection) -> Any:
         model.register_comm_hook(state, int8_hook)
         return state
     if settings.comm_hook == "topk":
-        state = ErrorFeedback(model, settings.topk_ratio, settings.topk_start_iter)
+        state = ErrorFeedback(model, settings.topk_ratio, settings.topk_start_iter, settings.topk_decay_steps,
+                              settings.topk_decay_from, settings.topk_momentum)
         model.register_comm_hook(state, topk_hook)
         return state
     hook = default_hooks.fp16_compress_hook if settings.comm_hook == "fp16" else bfloat16_all_reduce_hook
@@ -93,19 +94,32 @@ class ErrorFeedback:
     on the grouping at all, and a resumed run stays bit-identical to an unbroken one.
     """
 
-    def __init__(self, model: Any, topk_ratio: float = 1.0, start_iter: int = 0):
+    def __init__(self, model: Any, topk_ratio: float = 1.0, start_iter: int = 0, decay_steps: int = 0,
+                 decay_from: float = 1.0, momentum: float = 0.0):
         self.positions = {id(p): i for i, p in enumerate(model.parameters())}
         self.topk_ratio = topk_ratio
         self.start_iter = start_iter
+        self.decay_steps = decay_steps
+        self.decay_from = max(decay_from, topk_ratio)
+        self.momentum = momentum
         self.iteration = 0  # optimizer steps communicated so far (DDP calls hooks on the last micro-batch only)
         self.residuals: dict[int, torch.Tensor] = {}
+        self.velocities: dict[int, torch.Tensor] = {}  # momentum correction's local velocity (momentum > 0)
 
-    def warming_up(self, bucket: dist.GradBucket) -> bool:
-        """Whether this step still sends plain gradients; counts the step once its last bucket is in."""
-        warming = self.iteration < self.start_iter
+    def step_ratio(self, bucket: dist.GradBucket) -> float | None:
+        """This step's top-k ratio (None: a plain step); counts the step once its last bucket is in.
+
+        After the plain steps the ratio falls exponentially from decay_from to topk_ratio over
+        decay_steps steps (Deep Gradient Compression's warm-up): the same on every process, so every
+        payload of a step has one size."""
+        compressed = self.iteration - self.start_iter
         if bucket.is_last():
             self.iteration += 1
-        return warming
+        if compressed < 0:
+            return None
+        if compressed >= self.decay_steps:
+            return self.topk_ratio
+        return self.decay_from * (self.topk_ratio / self.decay_from) ** (compressed / self.decay_steps)
 
     def tensors(self, bucket: dist.GradBucket) -> list[tuple[int, torch.Tensor]]:
         """(parameter position, flat gradient) for each tensor of the bucket, in buffer order."""
@@ -121,12 +135,31 @@ class ErrorFeedback:
         residual = self.residuals.get(position)
         return gradient + residual if residual is not None else gradient.clone()
 
+    def accumulated(self, position: int, gradient: torch.Tensor) -> torch.Tensor:
+        """What top-k chooses from: the corrected gradient, or with momentum correction the residual
+        plus the local velocity (u = momentum x u + g), so that momentum is applied before, not
+        after, sparsification (a new tensor; the velocity is updated in place)."""
+        if not self.momentum:
+            return self.corrected(position, gradient)
+        velocity = self.velocities.get(position)
+        velocity = gradient.clone() if velocity is None else velocity.mul_(self.momentum).add_(gradient)
+        self.velocities[position] = velocity
+        return self.corrected(position, velocity)
+
+    def sent(self, position: int, accumulated: torch.Tensor, chosen: torch.Tensor, value: torch.Tensor) -> None:
+        """Keeps what was not sent (and the rounding of what was); momentum factor masking: a sent
+        entry's velocity restarts from zero, so it is not sent again through the momentum alone."""
+        self.residuals[position] = accumulated.index_add_(0, chosen, value.to(accumulated.dtype), alpha=-1)
+        if self.momentum:
+            self.velocities[position].index_fill_(0, chosen, 0)
+
     def __getstate__(self) -> dict:
-        return {"residuals": self.residuals, "iteration": self.iteration}
+        return {"residuals": self.residuals, "iteration": self.iteration, "velocities": self.velocities}
 
     def __setstate__(self, saved: dict) -> None:
         self.residuals = saved["residuals"]
         self.iteration = saved["iteration"]
+        self.velocities = saved.get("velocities", {})  # saved before momentum correction existed: none
 
 
 def _as_bytes(*tensors: torch.Tensor) -> torch.Tensor:
@@ -206,17 +239,18 @@ def topk_hook(state: ErrorFeedback, bucket: dist.GradBucket) -> torch.futures.Fu
     """Each gradient tensor sends its k = ceil(ratio x size) largest-magnitude entries as bfloat16, with
     their positions as int32 or as a bitmap, whichever is smaller; what is left (the unsent entries and
     the rounding of the sent ones) is carried to the next step. Plain all-reduce before
-    `topk_start_iter`: early gradients change fastest, and an entry waiting in the residual then costs
-    most (benchmarks/RESULTS.md)."""
+    `topk_start_iter`, then a ratio falling to `topk_ratio`: early gradients change fastest, and an
+    entry waiting in the residual then costs most (benchmarks/RESULTS.md)."""
     buffer = bucket.buffer()
-    if state.warming_up(bucket):
+    ratio = state.step_ratio(bucket)
+    if ratio is None:
         return default_hooks.allreduce_hook(None, bucket)  # what DDP does with no hook
     listed, bitmaps, listed_values, bitmap_values = [], [], [], []
     # A bitmapped tensor's set bit at i (counting over the padded bitmaps) is bucket position i + shift.
     shifts, counts, offset, bit_offset = [], [], 0, 0
     for position, gradient in state.tensors(bucket):
-        corrected = state.corrected(position, gradient)
-        k = topk_count(state.topk_ratio, corrected.numel())
+        corrected = state.accumulated(position, gradient)
+        k = topk_count(ratio, corrected.numel())
         chosen = corrected.abs().topk(k, sorted=False).indices.sort().values  # in position order
         value = corrected[chosen].to(TOPK_VALUES)
         if topk_uses_bitmap(k, corrected.numel()):
@@ -228,7 +262,7 @@ def topk_hook(state: ErrorFeedback, bucket: dist.GradBucket) -> torch.futures.Fu
         else:
             listed.append((chosen + offset).to(torch.int32))
             listed_values.append(value)
-        state.residuals[position] = corrected.index_add_(0, chosen, value.to(corrected.dtype), alpha=-1)
+        state.sent(position, corrected, chosen, value)
         offset += corrected.numel()
     n_listed, n_bitmapped = sum(t.numel() for t in listed), sum(t.numel() for t in bitmap_values)
     shift = torch.tensor(shifts, dtype=torch.long).repeat_interleave(torch.tensor(counts, dtype=torch.long))

@@ -21,24 +21,22 @@ def env_true(name: str) -> bool:
     return os.environ.get(name, "").lower() in {"1", "true", "yes", "on"}
 
 
-def launch_problems(recipe_bf16: bool = False) -> None:
-    """Checks on the launch environment, before any process group exists. The recipe's train.bf16 wins
-    over the launcher's mixed_precision."""
+def launch_problems(mixed_precision: str = "no") -> None:
+    """Checks on the launch environment, before any process group exists; mixed_precision: what the run
+    trains in, train.bf16 and the launcher's setting resolved (hftk.precision)."""
     if unjoined_launch():
         raise UserError(
             "this launch was told of several processes or machines but started this one alone (accelerate launch "
             "without --multi_gpu or a multi-process config runs one plain process per launch); add --multi_gpu "
             "(or --config_file accelerate_configs/ddp.yaml) to the launch on every machine"
         )
-    requested = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    gpu = torch.cuda.is_available()
     deepspeed = env_true("ACCELERATE_USE_DEEPSPEED")
     if deepspeed and env_true("ACCELERATE_USE_CPU"):
         raise UserError(
             "ACCELERATE_USE_CPU=true turns a DeepSpeed config into plain DDP; launch DeepSpeed configs without it "
             "(hftk uses Gloo on CPUs by itself)"
         )
-    if requested == "fp16" and not gpu and not recipe_bf16:
+    if mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UserError("mixed_precision fp16 cannot run on a CPU; use bf16 or no in the accelerate config")
 
 

@@ -22,6 +22,7 @@ from hftk.errors import UserError
 from hftk.models import first_size
 from hftk.planning.scaling import DEVICE_COUNTS, Interconnect, ScalePlan, TensorParallelRun, scale_plan, tensor_shapes
 from hftk.planning.tables import print_plan  # noqa: F401 - `hftk plan` prints through this name
+from hftk.precision import device_type, resolve_precision
 from hftk.recipe import Recipe
 
 
@@ -239,6 +240,8 @@ class PlanReport:
     scale: ScalePlan
     notes: list[str] = field(default_factory=list)
     probe: Any = None  # hftk.planning.probe.Probe with --probe
+    precision: str = "no"  # what the run trains in: train.bf16 and mixed_precision resolved (hftk.precision)
+    precision_reason: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -350,8 +353,9 @@ def make_plan(recipe: Recipe, launch: LaunchShape, link: Interconnect | None = N
     mean_tokens = sum(source) / len(source) + (sum(target) / len(target) if target else 0)
     tokens_per_step = mean_tokens * global_batch
     tokens_per_process_step = mean_tokens * settings.per_device_train_batch_size * settings.gradient_accumulation_steps
-    # train.bf16 wins over the launcher's mixed_precision, as in the run (prepare.make_accelerator).
-    precision = PRECISIONS["bf16" if settings.bf16 else launch.mixed_precision]
+    # train.bf16 and the config's mixed_precision resolved as the run resolves them, on this machine's device.
+    resolved = resolve_precision(settings.bf16, plan.encoding.family, device_type(), launcher=launch.mixed_precision)
+    precision = PRECISIONS[resolved.mixed_precision]
     persistent = persistent_parameters(model, launch.param_persistence_threshold, plan.config)
     # A decoder-only example is prompt and target in one sequence: its limit is the two lengths together.
     source_limit = (block_length(plan.task, recipe.data) if plan.encoding.family == "decoder-only"
@@ -368,9 +372,10 @@ def make_plan(recipe: Recipe, launch: LaunchShape, link: Interconnect | None = N
         from hftk.planning import probe as probing
 
         probe = probing.probe_steps(plan, tokenizer, features, probe_steps, total_steps,
-                                    counts.micro_batch_positions * settings.gradient_accumulation_steps)
+                                    counts.micro_batch_positions * settings.gradient_accumulation_steps,
+                                    precision.name)
     return PlanReport(
-        probe=probe,
+        probe=probe, precision=resolved.mixed_precision, precision_reason=resolved.reason,
         task=recipe.task, model_type=plan.config.model_type, family=plan.encoding.family, parameters=total,
         trainable_parameters=trainable, launch=launch,
         memory_per_process=model_state_memory(trainable, precision, launch.num_processes, persistent,

@@ -56,9 +56,10 @@ class Probe:
 
 
 def probe_steps(plan: Any, tokenizer: Any, features: Any, steps: int, total_steps: int,
-                positions_per_step: float | None = None) -> Probe:
+                positions_per_step: float | None = None, mixed_precision: str = "no") -> Probe:
     """Run WARMUP_STEPS + `steps` optimizer steps as the loop runs them; positions_per_step: the run's mean
-    input positions (batch x longest length, summed over the accumulated micro-batches) per optimizer step."""
+    input positions (batch x longest length, summed over the accumulated micro-batches) per optimizer step;
+    mixed_precision: the run's, train.bf16 resolved (hftk.precision)."""
     import torch
 
     from hftk import adapters, models
@@ -78,7 +79,8 @@ def probe_steps(plan: Any, tokenizer: Any, features: Any, steps: int, total_step
     optimizer = build_optimizer(model, recipe.train)
     scheduler = build_scheduler(optimizer, recipe.train, total_steps)
     loader = train_loader(plan, features, train_collator(plan, tokenizer, model), 1)
-    timings, positions, cpu_share = _timed_steps(model, optimizer, scheduler, loader, plan, device, steps)
+    timings, positions, cpu_share = _timed_steps(model, optimizer, scheduler, loader, plan, device, steps,
+                                                 mixed_precision)
     per_step = typical_step_seconds(timings, positions, positions_per_step)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     every = recipe.train
@@ -104,7 +106,7 @@ def enough(timings: list[float], steps: int) -> bool:
 
 
 def _timed_steps(model: Any, optimizer: Any, scheduler: Any, loader: Any, plan: Any, device: Any,
-                 steps: int) -> tuple[list[float], list[int], float]:
+                 steps: int, mixed_precision: str = "no") -> tuple[list[float], list[int], float]:
     """Seconds and input positions of the timed optimizer steps (after WARMUP_STEPS untimed ones), epoch
     after epoch as the run goes."""
     import torch
@@ -113,7 +115,8 @@ def _timed_steps(model: Any, optimizer: Any, scheduler: Any, loader: Any, plan: 
     from hftk.train.loop import windows
 
     settings, family = plan.recipe.train, plan.encoding.family
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if settings.bf16 else contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     timings: list[float] = []
     positions: list[int] = []
     epoch, clock = 0, time.perf_counter()

@@ -8,7 +8,7 @@ or reduce_scatter), counted from the model's parameter shapes:
   no_sync skips the other micro-batches. fp16/bf16 halve it; int8 and top-k all_gather each
   tensor's 1-byte codes and 4-byte scale, or its k = ceil(ratio x size) bfloat16 values and their
   positions (int32, or a bitmap where that is smaller), after `topk_start_iter` steps of plain
-  all_reduce; PowerSGD all_reduces the P and Q factors of the tensors worth compressing (PyTorch's
+  all_reduce and `topk_decay_steps` of a larger, falling ratio; PowerSGD all_reduces the P and Q factors of the tensors worth compressing (PyTorch's
   test: (rows + cols) x rank x min_compression_rate < rows x cols) and the rest uncompressed, after
   `powersgd_start_iter` steps of plain all_reduce.
 - ZeRO and FSDP: trainable gradients reduce_scattered, parameters all_gathered (each process hands
@@ -405,7 +405,10 @@ def scale_plan(shapes: list[TensorShape], parallel: Any, precision: Any, accumul
     plan.notes.append(f"powersgd: PyTorch's hook all-reduces in full (as none) for its first "
                       f"{parallel.powersgd_start_iter} steps (parallel.powersgd_start_iter)")
     plan.notes.append(f"topk: plain all_reduce (as none) for its first {parallel.topk_start_iter} steps "
-                      "(parallel.topk_start_iter)")
+                      "(parallel.topk_start_iter)" + (
+                          f", then a ratio falling from {parallel.topk_decay_from:g} to {parallel.topk_ratio:g} over "
+                          f"{parallel.topk_decay_steps} steps (parallel.topk_decay_steps); the table counts the "
+                          "steps after" if parallel.topk_decay_steps else ""))
     plan.notes.append("int8 and topk gather every process's payload: their bytes on the wire grow with n, "
                       "an all_reduce's do not")
     if tensor_parallel is not None:

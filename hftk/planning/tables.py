@@ -68,7 +68,7 @@ def print_plan(report: Any, console: Any = None) -> None:
     processes = "one process" if launch.num_processes == 1 else f"{launch.num_processes} process(es)"
     console.print(f"[bold]{report.task}[/] on {'an' if report.family[0] in 'aeiou' else 'a'} {report.family} "
                   f"{report.model_type} model: {report.parameters:,} parameters ({report.trainable_parameters:,} "
-                  f"trained); {processes}, mixed_precision={launch.mixed_precision}")
+                  f"trained); {processes}, mixed_precision={report.precision} ({report.precision_reason})")
     print_memory(console, report)
     print_lengths(console, report)
     console.print(f"padding: {report.padding_fraction:.1%} of the positions in training batches"

@@ -25,6 +25,14 @@ IGNORE_INDEX = -100
 # Batch key: 1 where a packed row holds an example's token, 0 on padding. Never a model input: the
 # model must see no attention mask, or it would not look for example boundaries.
 TOKEN_MASK = "token_mask"
+# A packed encoder-decoder batch's masks and positions (hftk.train.packing builds them; the model's own
+# hooks, hftk.train.packed_forward, take them out of its inputs and route them to the layers).
+ENCODER_MASK = "packed_encoder_mask"  # [rows, 1, source, source]: source tokens of one example see each other
+DECODER_MASK = "packed_decoder_mask"  # [rows, 1, target, target]: causal, within one example
+CROSS_MASK = "packed_cross_mask"  # [rows, 1, target, source]: a target token sees its own example's source
+SOURCE_POSITIONS = "packed_positions"  # [rows, source]: positions restart at 0 for each example
+TARGET_POSITIONS = "packed_decoder_positions"  # [rows, target]
+PACKED_SEQ2SEQ_INPUTS = (ENCODER_MASK, DECODER_MASK, CROSS_MASK, SOURCE_POSITIONS, TARGET_POSITIONS)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ import torch
 
 from hftk.models import first_size
 from hftk.objective import token_mask
-from hftk.tasks.base import DECODER_ONLY, ENCODER_DECODER, IGNORE_INDEX
+from hftk.tasks.base import DECODER_ONLY, ENCODER_DECODER, IGNORE_INDEX, SOURCE_POSITIONS, TARGET_POSITIONS
+from hftk.train.packing import CROSS_PAIRS
 
 # Dense bf16 / fp16 tensor-core peaks (fp32 peaks are far lower and come from the probe).
 GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "V100": 125.0}
@@ -39,9 +40,14 @@ class FlopCounter:
         source = token_mask(batch).sum(dim=1).double()
         flops = 6 * self.encoder_weights * source.sum() + 12 * self.encoder_layers * self.width * squared_lengths(batch)
         if self.family == ENCODER_DECODER:
-            target = (batch["labels"] != IGNORE_INDEX).sum(dim=1).double()
+            labelled = batch["labels"] != IGNORE_INDEX
+            target = labelled.sum(dim=1).double()
+            if CROSS_PAIRS in batch:  # packed: sums over each row's examples
+                pairs = ((2 * batch[TARGET_POSITIONS] + 1) * labelled).sum().double() + batch[CROSS_PAIRS].sum()
+            else:
+                pairs = (target ** 2 + target * source).sum()
             flops = flops + 6 * self.decoder_weights * target.sum() \
-                + 12 * self.decoder_layers * self.width * (target ** 2 + target * source).sum()  # self + cross
+                + 12 * self.decoder_layers * self.width * pairs  # self + cross
         return flops
 
 
@@ -50,9 +56,10 @@ def squared_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
     each attending within itself; its positions restart per example, and the positions 0..L-1 of one
     example add up to L^2 as sum(2p + 1)."""
     mask = token_mask(batch)
-    if "position_ids" not in batch:
+    positions = batch.get("position_ids", batch.get(SOURCE_POSITIONS))
+    if positions is None:
         return (mask.sum(dim=1).double() ** 2).sum()
-    return ((2 * batch["position_ids"] + 1) * mask).sum().double()
+    return ((2 * positions + 1) * mask).sum().double()
 
 
 def _count(module: Any, skip: set[int]) -> int:

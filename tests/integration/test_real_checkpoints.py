@@ -216,7 +216,7 @@ def case_recipe(tmp_path: Path, task: str, folder: Path, **data) -> dict:
     return {"task": task, "model": {"name_or_path": str(folder)},
             "data": {**paths, "max_train_samples": 48, "max_eval_samples": 10, **data},
             "train": {"output_dir": str(tmp_path / "run"), "max_steps": 6, "per_device_train_batch_size": 8,
-                      "learning_rate": 1e-3, "logging_steps": 3, "seed": 7,
+                      "learning_rate": 1e-3, "logging_steps": 3, "seed": 7, "bf16": False,  # as the fp32 reload
                       "eval_on_start": False},  # its own tests (test_eval_on_start.py) cover the step-0 score
             "eval": {"per_device_eval_batch_size": 1, "max_new_tokens": 8}}
 

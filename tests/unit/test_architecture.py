@@ -17,7 +17,7 @@ LAYERS = {
     "parallel": ["hftk.parallel", "hftk.parallel.*"],
     "model": ["hftk.tasks", "hftk.tasks.*", "hftk.objective", "hftk.metrics", "hftk.generation", "hftk.tokenizer",
               "hftk.tokenizer_files", "hftk.models", "hftk.adapters", "hftk.data",
-              "hftk.sources", "hftk.streaming", "hftk.intervals"],
+              "hftk.sources", "hftk.streaming", "hftk.intervals", "hftk.precision"],
     "train": ["hftk.train", "hftk.train.*"],
     "run": ["hftk.checkpoint", "hftk.run_dir", "hftk.experiment_trackers", "hftk.hub", "hftk.report",
             "hftk.comparison", "hftk.pictures"],

@@ -125,3 +125,36 @@ def test_plan_counts_the_payload_the_hook_sends(world_of_one, model, ratio):
     [planned] = ddp_collectives(shapes, "topk", ParallelSection(comm_hook="topk", topk_ratio=ratio))
     assert sent == [planned.payload]
     assert planned.payload == sum(comm_hooks.topk_payload_bytes(ratio, n) for n in SIZES)
+
+
+def test_ratio_falls_exponentially_to_the_target_after_the_plain_steps(world_of_one, model):
+    state = comm_hooks.ErrorFeedback(model, topk_ratio=0.01, start_iter=1, decay_steps=4, decay_from=0.5)
+    sent_per_step = [int(torch.count_nonzero(step(state, model, gradients(10 + i))[0])) for i in range(7)]
+    ratios = [0.5, 0.5 * 0.02 ** 0.25, 0.5 * 0.02 ** 0.5, 0.5 * 0.02 ** 0.75, 0.01, 0.01]
+    assert sent_per_step == [1000] + [comm_hooks.topk_count(r, 1000) for r in ratios]
+    assert sent_per_step[1:] == [500, 189, 71, 27, 10, 10]
+
+
+def test_momentum_correction_sends_the_accumulated_velocity_and_masks_what_it_sent(world_of_one, model):
+    state = comm_hooks.ErrorFeedback(model, topk_ratio=0.1, momentum=0.9)
+    first, second = gradients(5), gradients(6)
+    sent = step(state, model, first)
+    assert all(torch.equal(s + state.residuals[i], g) for i, (s, g) in enumerate(zip(sent, first)))
+    assert all(torch.equal(state.velocities[i], g.masked_fill(s != 0, 0)) for i, (s, g) in enumerate(zip(sent, first)))
+    # Next step: residual + (0.9 x masked velocity + gradient).
+    accumulated = [state.residuals[i] + (0.9 * state.velocities[i] + g) for i, g in enumerate(second)]
+    for i, (s, target) in enumerate(zip(step(state, model, second), accumulated)):
+        assert torch.allclose(s + state.residuals[i], target, atol=1e-6)
+
+
+def test_a_restored_state_continues_bit_identically(world_of_one, model, tmp_path):
+    settings = {"topk_ratio": 0.01, "start_iter": 1, "decay_steps": 3, "decay_from": 0.5, "momentum": 0.9}
+    unbroken = comm_hooks.ErrorFeedback(model, **settings)
+    for i in range(3):
+        step(unbroken, model, gradients(20 + i))
+    comm_hooks.save_state(unbroken, tmp_path, 0)
+    resumed = comm_hooks.ErrorFeedback(model, **settings)
+    comm_hooks.load_state(resumed, tmp_path, 0)
+    for i in range(3, 6):
+        expected, got = step(unbroken, model, gradients(20 + i)), step(resumed, model, gradients(20 + i))
+        assert all(torch.equal(a, b) for a, b in zip(expected, got))
