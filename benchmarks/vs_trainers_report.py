@@ -104,8 +104,9 @@ def quality_table(report: dict) -> list[str]:
 def markdown(report: dict) -> str:
     env, settings = report["environment"], report["settings"]
     about = (f"{env['device']}; torch {env['torch']}, transformers {env['transformers']}, accelerate "
-             f"{env['accelerate']}; commit {env['commit']}, {env['date']}. hftk mixed precision: "
-             f"{settings['hftk_mixed_precision']}. Written by `python benchmarks/vs_trainers.py`; the method is in "
+             f"{env['accelerate']}; commit {env['commit']}, {env['date']}. The launcher's mixed_precision for hftk: "
+             f"{settings['hftk_mixed_precision']}; hftk's own train.bf16 as its recipe and --hftk-set give it "
+             f"({', '.join(settings.get('hftk_set') or []) or 'its default, auto: bf16 autocast where the device has native bf16, fp32 for decoder-only models'}). Written by `python benchmarks/vs_trainers.py`; the method is in "
              f"its docstring. Ratios are hftk ÷ Trainer of the means (above 1 for tokens/s is hftk faster; below 1 "
              f"for seconds and memory is hftk lighter).")
     lines = ["# hftk vs the Hugging Face trainers", "", about, ""]
