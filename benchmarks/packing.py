@@ -22,14 +22,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from hftk import models  # noqa: E402
-from hftk.objective import padding_counts, token_counts, token_loss_sums  # noqa: E402
-from hftk.precision import resolve_precision  # noqa: E402
-from hftk.preflight import plan_inputs  # noqa: E402
-from hftk.prepare import build_tokenizer, decoder_inputs_for, make_accelerator, tokenized  # noqa: E402
-from hftk.recipe import load_recipe  # noqa: E402
-from hftk.train import packed_forward  # noqa: E402
-from hftk.train.packing import PackedSeq2SeqCollator  # noqa: E402
+from hftk import models
+from hftk.objective import padding_counts, token_counts, token_loss_sums
+from hftk.precision import resolve_precision
+from hftk.preflight import plan_inputs
+from hftk.prepare import build_tokenizer, decoder_inputs_for, make_accelerator, tokenized
+from hftk.recipe import load_recipe
+from hftk.train import packed_forward
+from hftk.train.packing import PackedSeq2SeqCollator
 
 BATCHES = 20
 PASSES = 2

@@ -25,9 +25,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hftk.parallel.strategies import strategy_for
+from hftk.precision import device_type, resolve_precision
 from hftk.preflight import plan_inputs
 from hftk.prepare import build_tokenizer, make_accelerator, tokenized
-from hftk.precision import device_type, resolve_precision
 from hftk.recipe import load_recipe
 from hftk.run import setup_training
 from hftk.train.loop import train_window
@@ -85,7 +85,8 @@ def measure(recipe_path: str, steps: int, overrides: tuple[str, ...]) -> tuple[l
     output_dir = tempfile.mkdtemp(prefix="hftk-tp-comm-bytes-")
     recipe = load_recipe(recipe_path, [*overrides, f"train.output_dir={output_dir}"])
     plan = plan_inputs(recipe, ["train"])
-    accelerator = make_accelerator(recipe.train, resolve_precision(recipe.train.bf16, plan.encoding.family, device_type()))
+    plan.precision = resolve_precision(recipe.train.bf16, plan.encoding.family, device_type())
+    accelerator = make_accelerator(recipe.train, plan.precision)
     strategy = strategy_for(recipe.parallel, accelerator, plan.config)
     tokenizer = build_tokenizer(plan, accelerator)
     features = tokenized(plan, accelerator, tokenizer, "train", training=True)

@@ -36,9 +36,9 @@ def synchronize() -> None:
 
 def make_initial(spec: dict) -> dict:
     from hftk import models
+    from hftk.precision import device_type, resolve_precision
     from hftk.preflight import plan_inputs
     from hftk.prepare import build_tokenizer, make_accelerator, tokenized
-    from hftk.precision import device_type, resolve_precision
     from hftk.recipe import load_recipe
     from hftk.train.optim import total_optimizer_steps
 
@@ -61,9 +61,9 @@ def time_hftk_eval(spec: dict) -> dict:
     import transformers
 
     from hftk.eval_split import evaluate_split
+    from hftk.precision import device_type, resolve_precision
     from hftk.preflight import plan_inputs
     from hftk.prepare import eval_loader, make_accelerator, tokenized
-    from hftk.precision import device_type, resolve_precision
     from hftk.recipe import load_recipe
     from hftk.tokenizer import with_pad_token
 

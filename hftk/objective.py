@@ -12,8 +12,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hftk.tasks.base import (DECODER_ONLY, ENCODER_MASK, ENCODER_ONLY, EXAMPLE_INDEX, IGNORE_INDEX,
-                             PACKED_SEQ2SEQ_INPUTS, TOKEN_MASK)
+from hftk.tasks.base import (
+    DECODER_ONLY,
+    ENCODER_MASK,
+    ENCODER_ONLY,
+    EXAMPLE_INDEX,
+    IGNORE_INDEX,
+    PACKED_SEQ2SEQ_INPUTS,
+    TOKEN_MASK,
+)
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "token_type_ids", "position_ids",
                 *PACKED_SEQ2SEQ_INPUTS)

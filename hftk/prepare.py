@@ -9,7 +9,7 @@ from typing import Any
 import datasets
 
 from hftk import data
-from hftk.logs import import_deepspeed_quietly, log, setup_logging
+from hftk.logs import import_deepspeed_quietly, setup_logging
 from hftk.parallel import launch, tensor_parallel
 from hftk.precision import Resolved
 from hftk.preflight import Plan
@@ -89,6 +89,15 @@ def train_collator(plan: Plan, tokenizer: Any, model: Any) -> Any:
 
         return PackedCollator(tokenizer.pad_token_id, block_length(plan.task, plan.recipe.data))
     return plan.task.collator(tokenizer, plan.encoding.family, decoder_inputs_for(model))
+
+
+def route_packed_inputs(plan: Plan, model: Any) -> None:
+    """With train.packing on an encoder-decoder, the model takes its packed masks and positions through
+    hooks (hftk.train.packed_forward); installed on the unwrapped model, before any strategy wraps it."""
+    if plan.recipe.train.packing and plan.encoding.family == ENCODER_DECODER:
+        from hftk.train import packed_forward
+
+        packed_forward.install(model)
 
 
 def train_loader(plan: Plan, features: datasets.Dataset, collator: Any, data_processes: int) -> Any:

@@ -22,13 +22,13 @@ from hftk.prepare import (
     build_tokenizer,
     eval_loader,
     make_accelerator,
+    route_packed_inputs,
     stream_loader,
     tokenized,
     train_collator,
     train_loader,
 )
 from hftk.recipe import Recipe
-from hftk.tasks.base import ENCODER_DECODER
 from hftk.report import write_training_curves
 from hftk.train.best import best_figures, record_evaluation
 from hftk.train.loop import LoopParts, train
@@ -102,12 +102,10 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Strategy, tokenizer: 
     sizes = adapters.count_parameters(model)
     if fast_dropout.applies(settings, recipe.model, accelerator.device):
         fast_dropout.install(model)
-    if settings.packing and plan.encoding.family == ENCODER_DECODER:
-        from hftk.train import packed_forward
-
-        packed_forward.install(model)
+    route_packed_inputs(plan, model)
     flops = flop_counter(model, plan.encoding.family)  # before sharding: every process counts the whole model
-    log.info(plan.precision.line())  # not earlier: bad input ends with its one line alone
+    if plan.precision is not None:  # not earlier: bad input ends with its one line alone
+        log.info(plan.precision.line())
     log.info(f"trainable parameters: {sizes['trainable_parameters']:,} of {sizes['total_parameters']:,} "
              f"({sizes['trainable_parameters'] / max(sizes['total_parameters'], 1):.2%})")
     launch.apply_recipe_to_deepspeed(accelerator, settings.max_grad_norm)
@@ -158,7 +156,7 @@ def setup_training(plan: Plan, accelerator: Any, strategy: Strategy, tokenizer: 
             accelerator, output_dir, state.optimizer_step, recipe.dump_yaml(), settings.save_total_limit,
             lambda folder: strategy.save_extra(accelerator, folder, model, optimizer), plan.train_digest,
             keep_step=state.best_step if settings.load_best_model_at_end else None,
-            precision=plan.precision.mixed_precision))
+            precision=plan.precision.mixed_precision if plan.precision else None))
 
     progress = start_progress(accelerator.is_main_process, total_steps, state.optimizer_step)
     parts = LoopParts(accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader,

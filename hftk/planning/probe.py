@@ -63,7 +63,7 @@ def probe_steps(plan: Any, tokenizer: Any, features: Any, steps: int, total_step
     import torch
 
     from hftk import adapters, models
-    from hftk.prepare import train_collator, train_loader
+    from hftk.prepare import route_packed_inputs, train_collator, train_loader
     from hftk.train import fast_dropout
     from hftk.train.optim import build_optimizer, build_scheduler
 
@@ -75,6 +75,7 @@ def probe_steps(plan: Any, tokenizer: Any, features: Any, steps: int, total_step
                               recipe.model.gradient_checkpointing)
     if fast_dropout.applies(recipe.train, recipe.model, device):
         fast_dropout.install(model)
+    route_packed_inputs(plan, model)
     model.to(device).train()
     optimizer = build_optimizer(model, recipe.train)
     scheduler = build_scheduler(optimizer, recipe.train, total_steps)

@@ -22,8 +22,14 @@ from typing import Any
 
 import torch
 
-from hftk.tasks.base import (CROSS_MASK, DECODER_MASK, ENCODER_MASK, PACKED_SEQ2SEQ_INPUTS, SOURCE_POSITIONS,
-                             TARGET_POSITIONS)
+from hftk.tasks.base import (
+    CROSS_MASK,
+    DECODER_MASK,
+    ENCODER_MASK,
+    PACKED_SEQ2SEQ_INPUTS,
+    SOURCE_POSITIONS,
+    TARGET_POSITIONS,
+)
 
 _current: dict[str, torch.Tensor] = {}
 

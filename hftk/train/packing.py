@@ -1,12 +1,15 @@
-"""Packing (train.packing): the examples of a training batch laid back to back in rows of at most the
-block length (the longest example the task's lengths allow), so a batch holds fewer padded positions than with one
-example per row.
+"""Packing (train.packing): the examples of a training batch laid back to back in fewer rows, so a batch
+holds fewer padded positions than with one example per row.
 
-Each example's position_ids restart at 0 and no attention mask is given: transformers then reads the
-example boundaries from the position ids (masking_utils.find_packed_sequence_indices) and masks
+Decoder-only (PackedCollator): rows of at most the block length (the longest example the task's lengths
+allow). Each example's position_ids restart at 0 and no attention mask is given: transformers then reads
+the example boundaries from the position ids (masking_utils.find_packed_sequence_indices) and masks
 attention across them, so an example sees only its own tokens, as if it sat alone in its row.
 
-The collator packs whatever examples the sampler hands it, so the order, the resume point and the
+Encoder-decoder (PackedSeq2SeqCollator): source rows and target rows, with the three attention masks and
+each example's own positions built here and routed into the model by hftk.train.packed_forward.
+
+The collators pack whatever examples the sampler hands them, so the order, the resume point and the
 split over processes stay those of unpacked training; only the layout of each micro-batch changes.
 """
 
@@ -18,8 +21,15 @@ from typing import Any
 import torch
 
 from hftk.recipe import DataSection
-from hftk.tasks.base import (CROSS_MASK, DECODER_MASK, ENCODER_MASK, IGNORE_INDEX, SOURCE_POSITIONS, TARGET_POSITIONS,
-                             TOKEN_MASK)
+from hftk.tasks.base import (
+    CROSS_MASK,
+    DECODER_MASK,
+    ENCODER_MASK,
+    IGNORE_INDEX,
+    SOURCE_POSITIONS,
+    TARGET_POSITIONS,
+    TOKEN_MASK,
+)
 
 
 def block_length(task: Any, data: DataSection) -> int:
@@ -118,7 +128,7 @@ def balanced_rows(lengths: Sequence[tuple[int, int]], order: Sequence[int], coun
         best, best_cost = 0, None
         for r in range(count):  # a plain loop: this runs for every example of every batch
             s, t = sources[r] + source, targets[r] + target
-            cost = (s if s > widest_source else widest_source) + (t if t > widest_target else widest_target), s + t
+            cost = (max(widest_source, s)) + (max(widest_target, t)), s + t
             if best_cost is None or cost < best_cost:
                 best, best_cost = r, cost
         rows[best].append(index)

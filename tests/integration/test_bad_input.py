@@ -272,14 +272,14 @@ CASES = {
         lambda t: ({"model": {"config": {"model_type": "pegasus", "d_model": 32, "encoder_layers": 1, "decoder_layers": 1,
                                          "encoder_attention_heads": 4, "decoder_attention_heads": 4,
                                          "encoder_ffn_dim": 64, "decoder_ffn_dim": 64}}}, ["train.packing=true"]),
-        "train.packing: packed examples are kept apart by block-diagonal masks and per-example positions that hftk "
-        "routes in, which pegasus models do not take"),
+        ("train.packing: packed examples are kept apart by block-diagonal masks and per-example positions that hftk "
+        "routes in, which pegasus models do not take")),
     "packing extractive QA": (lambda t: ({"model": {"config": {"model_type": "bert", "hidden_size": 32,
                                                                "num_hidden_layers": 1, "num_attention_heads": 4}}},
                                          ["task=extractive_qa", f"data.train={QA_FILE}", f"data.validation={QA_FILE}",
                                           "train.packing=true"]),
-                              "train.packing: packing lays several examples in one row of a decoder-only or "
-                              "encoder-decoder model; this bert model is encoder-only"),
+                              ("train.packing: packing lays several examples in one row of a decoder-only or "
+                              "encoder-decoder model; this bert model is encoder-only")),
     "packing a family whose mask ignores position ids": (
         lambda t: ({"model": {"config": {"model_type": "opt", "hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 1,
                                          "num_attention_heads": 4, "word_embed_proj_dim": 32}}}, ["train.packing=true"]),
