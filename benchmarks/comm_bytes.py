@@ -26,8 +26,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from hftk import models
 from hftk.parallel import comm_hooks
-from hftk.precision import device_type, resolve_precision
-from hftk.preflight import plan_inputs
+from hftk.preflight import plan_inputs, run_precision
 from hftk.prepare import build_tokenizer, decoder_inputs_for, make_accelerator, make_loader, tokenized
 from hftk.recipe import load_recipe
 from hftk.train.loop import LoopParts, train_window
@@ -75,7 +74,7 @@ def measure(recipe_path: str, hook: str, steps: int = STEPS, topk_ratio: float |
     recipe = load_recipe(recipe_path, [*overrides, f"train.output_dir=/tmp/hftk-comm-bytes-{hook}", f"parallel.comm_hook={hook}",
                                        *ratio, f"parallel.powersgd_start_iter={POWERSGD_START}"])
     plan = plan_inputs(recipe, ["train"])
-    plan.precision = resolve_precision(recipe.train.bf16, plan.encoding.family, device_type())
+    plan.precision = run_precision(plan)
     accelerator = make_accelerator(recipe.train, plan.precision)
     tokenizer = build_tokenizer(plan, accelerator)
     model = models.build_model(recipe.model, plan.config, plan.encoding, tokenizer)

@@ -36,8 +36,7 @@ import torch
 from hftk import models
 from hftk.parallel import launch
 from hftk.parallel.strategies import strategy_for
-from hftk.precision import device_type, resolve_precision
-from hftk.preflight import plan_inputs
+from hftk.preflight import plan_inputs, run_precision
 from hftk.prepare import build_tokenizer, decoder_inputs_for, make_accelerator, make_loader, tokenized
 from hftk.recipe import load_recipe
 from hftk.train.loop import LoopParts, train_window
@@ -101,7 +100,7 @@ def bucket_bytes(model: Any) -> int:
 def measure(recipe_path: str, steps: int) -> tuple[Any, dict]:
     recipe = load_recipe(recipe_path, ["train.output_dir=/tmp/hftk-model-states", f"train.max_steps={steps}"])
     plan = plan_inputs(recipe, ["train"])
-    plan.precision = resolve_precision(recipe.train.bf16, plan.encoding.family, device_type())
+    plan.precision = run_precision(plan)
     accelerator = make_accelerator(recipe.train, plan.precision)
     strategy = strategy_for(recipe.parallel, accelerator, plan.config)
     tokenizer = build_tokenizer(plan, accelerator)

@@ -25,8 +25,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hftk.parallel.strategies import strategy_for
-from hftk.precision import device_type, resolve_precision
-from hftk.preflight import plan_inputs
+from hftk.preflight import plan_inputs, run_precision
 from hftk.prepare import build_tokenizer, make_accelerator, tokenized
 from hftk.recipe import load_recipe
 from hftk.run import setup_training
@@ -85,7 +84,7 @@ def measure(recipe_path: str, steps: int, overrides: tuple[str, ...]) -> tuple[l
     output_dir = tempfile.mkdtemp(prefix="hftk-tp-comm-bytes-")
     recipe = load_recipe(recipe_path, [*overrides, f"train.output_dir={output_dir}"])
     plan = plan_inputs(recipe, ["train"])
-    plan.precision = resolve_precision(recipe.train.bf16, plan.encoding.family, device_type())
+    plan.precision = run_precision(plan)
     accelerator = make_accelerator(recipe.train, plan.precision)
     strategy = strategy_for(recipe.parallel, accelerator, plan.config)
     tokenizer = build_tokenizer(plan, accelerator)

@@ -36,15 +36,14 @@ def synchronize() -> None:
 
 def make_initial(spec: dict) -> dict:
     from hftk import models
-    from hftk.precision import device_type, resolve_precision
-    from hftk.preflight import plan_inputs
+    from hftk.preflight import plan_inputs, run_precision
     from hftk.prepare import build_tokenizer, make_accelerator, tokenized
     from hftk.recipe import load_recipe
     from hftk.train.optim import total_optimizer_steps
 
     recipe = load_recipe(spec["recipe"], spec["overrides"] + [f"train.seed={spec['seed']}"])
     plan = plan_inputs(recipe, ["train", "validation"])
-    accelerator = make_accelerator(recipe.train, resolve_precision(recipe.train.bf16, plan.encoding.family, device_type()))  # seeds every generator, as finetune does first
+    accelerator = make_accelerator(recipe.train, run_precision(plan))  # seeds every generator, as finetune does first
     tokenizer = build_tokenizer(plan, accelerator)
     features = tokenized(plan, accelerator, tokenizer, "train", training=True)
     model = models.build_model(recipe.model, plan.config, plan.encoding, tokenizer)
@@ -61,8 +60,7 @@ def time_hftk_eval(spec: dict) -> dict:
     import transformers
 
     from hftk.eval_split import evaluate_split
-    from hftk.precision import device_type, resolve_precision
-    from hftk.preflight import plan_inputs
+    from hftk.preflight import plan_inputs, run_precision
     from hftk.prepare import eval_loader, make_accelerator, tokenized
     from hftk.recipe import load_recipe
     from hftk.tokenizer import with_pad_token
@@ -70,7 +68,7 @@ def time_hftk_eval(spec: dict) -> dict:
     model_dir = spec["model_dir"]
     recipe = load_recipe(spec["recipe"], spec["overrides"] + model_overrides(model_dir))
     plan = plan_inputs(recipe, ["validation"], model_dir=model_dir)
-    accelerator = make_accelerator(recipe.train, resolve_precision(recipe.train.bf16, plan.encoding.family, device_type()))
+    accelerator = make_accelerator(recipe.train, run_precision(plan))
     tokenizer = with_pad_token(transformers.AutoTokenizer.from_pretrained(model_dir))
     model = accelerator.prepare(getattr(transformers, plan.encoding.auto_class).from_pretrained(model_dir))
     loader = eval_loader(plan, accelerator, model, tokenizer, tokenized(plan, accelerator, tokenizer, "validation", False))

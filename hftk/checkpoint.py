@@ -225,7 +225,8 @@ def check_compatible(folder: Path, recipe: Any, data_digest: str | None = None) 
     differing = [k for k in sorted(set(saved) | set(current))
                  if saved.get(k) != current.get(k) and not k.startswith(FREE_ON_RESUME + RESOLVED_ON_RESUME)]
     changes = [f"{k} ({saved.get(k)!r} -> {current.get(k)!r})" for k in differing]
-    trained, resolved = saved_precision(folder), resumed_precision(folder, recipe)
+    trained = saved_precision(folder)
+    resolved = resolve_precision(recipe.train.bf16, saved=trained)  # auto follows `trained`: family and device unasked
     if resolved.mixed_precision != trained:
         changes.append(f"precision ({trained!r} -> {resolved.mixed_precision!r}: {resolved.reason})")
     if changes:
