@@ -159,6 +159,12 @@ def stop_line(log: str) -> tuple[str, Path, int]:
     return why, Path(folder), int(step)
 
 
+def ended_by_sigterm(launch: subprocess.CompletedProcess) -> bool:
+    """How a launcher says a SIGTERM ended it: accelerate up to 1.15 exits 1 and names the signal,
+    1.16 and later exit 128 + 15, as a shell does."""
+    return (launch.returncode == 1 and "got signal: 15" in launch.stderr) or launch.returncode == 128 + signal.SIGTERM
+
+
 def test_sigterm_on_one_machine_stops_both_with_a_checkpoint(two_machines, tmp_path):
     launches = start_machines(tmp_path, recipe_file(tmp_path, "run", BATCH), "--multi_gpu", env=PACED)
     # The processes agree on a stop one step after it arrives: at step 4 or 5 here.
@@ -171,9 +177,9 @@ def test_sigterm_on_one_machine_stops_both_with_a_checkpoint(two_machines, tmp_p
     # Machine 1's launcher passes the SIGTERM on and, 30 s later, SIGKILLs what is still running.
     assert took < 30, f"{took:.1f} s"
     assert "forcefully exiting" not in machine1.stderr, machine1.stderr[-4000:]
-    # Each launcher exits 1: machine 0's reports its process's 75, machine 1's the signal it got.
+    # Machine 0's launcher exits 1 and reports its process's 75; machine 1's reports the signal it got.
     assert machine0.returncode == 1 and re.search(r"exitcode\s*:\s*75\b", machine0.stderr), machine0.stderr[-4000:]
-    assert machine1.returncode == 1 and "got signal: 15" in machine1.stderr, machine1.stderr[-4000:]
+    assert ended_by_sigterm(machine1), machine1.stderr[-4000:]
     assert stop_line(machine1.stderr)[0] == "SIGTERM"
     why, folder, step = stop_line(machine0.stderr)
     assert why == "a stop signal on another process"
@@ -205,7 +211,7 @@ def test_two_machines_without_multi_gpu_are_refused(tmp_path):
 def test_a_machine_that_never_arrives_is_bounded_by_the_rendezvous_timeout(tmp_path):
     """Machine 0 of 2 alone: the launcher waits for machine 1 for the rendezvous timeout (600 s by
     default for the static rendezvous), then fails; --rdzv_conf timeout=N bounds it."""
-    command = [*machine_launch(0, free_port(), "--multi_gpu", "--rdzv_conf", "timeout=10"),
+    command = [*machine_launch(0, free_port(), "--multi_gpu", "--rdzv_conf", "timeout=5"),
                "-m", "hftk", "finetune", str(recipe_file(tmp_path, "alone", BATCH))]
     started = time.monotonic()
     run = subprocess.run(command, cwd=ROOT, env=environment(tmp_path), capture_output=True, text=True, timeout=300,
@@ -213,5 +219,5 @@ def test_a_machine_that_never_arrives_is_bounded_by_the_rendezvous_timeout(tmp_p
     waited = time.monotonic() - started
     print(f"machine 0 of 2 alone gave up after {waited:.1f} s", file=sys.stderr)
     assert run.returncode != 0
-    assert 10 <= waited < 120, f"waited {waited:.1f} s"
+    assert 5 <= waited < 120, f"waited {waited:.1f} s"
     assert not (tmp_path / "alone").exists(), "no process started: nothing written"

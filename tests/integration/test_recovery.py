@@ -99,7 +99,7 @@ def test_past_max_rollbacks_the_run_stops_with_its_checkpoints_intact(tmp_path):
 def test_a_frozen_process_ends_the_launch_within_ddp_timeout(tmp_path):
     """Rank 1 is SIGSTOPped after its 3rd step: rank 0 waits in a collective until train.ddp_timeout, then
     says so in one line naming the setting and the checkpoint; the launcher ends the frozen one."""
-    timeout = 30
+    timeout = 15  # long enough for the barriers of a cold start; each second here is a second of the suite
     started = time.time()
     run = run_hftk("finetune", str(recipe_path(tmp_path, "run", save_steps=2, ddp_timeout=timeout)),
                    launcher=accelerate_launch("ddp.yaml"), timeout=timeout + 120,
