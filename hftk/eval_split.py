@@ -9,7 +9,8 @@ from typing import Any
 
 from hftk import intervals
 from hftk.errors import UserError
-from hftk.preflight import Plan, plan_inputs, run_precision
+from hftk.logs import log
+from hftk.preflight import Plan, plan_inputs, saved_run_precision
 from hftk.prepare import eval_loader, make_accelerator, tokenized
 from hftk.recipe import Recipe
 from hftk.tasks.base import ENCODER_ONLY
@@ -117,7 +118,9 @@ def evaluate_saved(recipe: Recipe, model_dir: str | None, split: str, output_dir
         raise UserError(f"--split: the recipe has no data.{split}")
     # An adapter is evaluated on the base its adapter_config.json names.
     plan = plan_inputs(recipe, [split], model_dir=adapters.base_of(model_dir) if adapter else model_dir)
-    accelerator = make_accelerator(recipe.train, run_precision(plan))
+    precision = saved_run_precision(plan, model_dir)
+    accelerator = make_accelerator(recipe.train, precision)
+    log.info(precision.line())
     tokenizer = with_pad_token(transformers.AutoTokenizer.from_pretrained(model_dir))
     if adapter:
         base_section = recipe.model.model_copy(update={"name_or_path": adapters.base_of(model_dir), "config": None,

@@ -70,11 +70,13 @@ def native_bf16(device: str) -> bool:
 
 
 def resolve_precision(setting: bool | str, family: str | None = None, device: str | None = None,
-                      launcher: str | None = None, saved: str | None = None) -> Resolved:
+                      launcher: str | None = None, saved: str | None = None,
+                      saved_by: str = "the resumed checkpoint") -> Resolved:
     """train.bf16 resolved. true: bf16 autocast, over the launcher. false: the launcher's mixed_precision
     (fp32 unless it sets one). auto: the launcher's where it sets one; else a resumed checkpoint's `saved`
     precision; else fp32 for the families in auto_fp32_families, bf16 where `device` has native bf16, fp32
-    elsewhere. `launcher` defaults to the environment's; family and device are asked only in the last case."""
+    elsewhere. `launcher` defaults to the environment's; family and device are asked only in the last case.
+    `saved_by` names what trained in `saved`, for the start line."""
     launcher = (launcher or launcher_precision()).lower()
     if setting is True:
         return Resolved("bf16", "train.bf16=true", False)
@@ -83,7 +85,7 @@ def resolve_precision(setting: bool | str, family: str | None = None, device: st
     if launcher != FP32:
         return Resolved(launcher, "train.bf16=auto" + _from_launcher(launcher), True)
     if saved is not None:
-        return Resolved(saved, "train.bf16=auto: as the resumed checkpoint trained", saved == FP32)
+        return Resolved(saved, f"train.bf16=auto: as {saved_by} trained", saved == FP32)
     if family is None or device is None:
         raise ValueError("train.bf16=auto without a launcher setting or a checkpoint needs the family and device")
     kept = auto_fp32_families()

@@ -122,6 +122,22 @@ def run_precision(plan: Plan) -> Resolved:
     return resolve_precision(plan.recipe.train.bf16, family, device)
 
 
+def saved_run_precision(plan: Plan, model_dir: str) -> Resolved:
+    """train.bf16 resolved for `hftk eval` of a saved model: where auto, as the run that saved it trained (its
+    newest checkpoint records it), so the model scores as in that run's own last evaluation. A model without
+    checkpoints beside it (copied, downloaded), or one trained in fp16 evaluated where fp16 cannot run,
+    resolves as a new run would."""
+    from hftk.precision import device_type, resolve_precision
+
+    latest = checkpoint.latest_checkpoint(Path(model_dir))
+    saved = checkpoint.saved_precision(latest) if latest is not None else None
+    device = device_type()
+    if saved is None or (saved == "fp16" and device != "cuda"):  # as launch.launch_problems refuses it
+        return run_precision(plan)
+    return resolve_precision(plan.recipe.train.bf16, plan.encoding.family, device, saved=saved,
+                             saved_by=f"the run that saved {model_dir}")
+
+
 def check_inputs(recipe: Recipe) -> Plan:
     """The checks that read the data and the model config: every row, the columns, the model built on the
     meta device, the adapter's target modules. Their answer depends only on the recipe, the files it names

@@ -314,8 +314,9 @@ class TrainSection(Section):
         "auto", description="bf16 autocast (weights and optimizer stay fp32). true: always, over the launcher's "
                             "mixed_precision; false: the launcher's mixed_precision (fp32 unless it sets one); auto: "
                             "the launcher's where it sets bf16 or fp16 (the bundled accelerate configs' \"no\" sets "
-                            "none), else a resumed checkpoint's, else fp32 for decoder-only models (faster here) and "
-                            "bf16 on a GPU or CPU with native bf16. The log's first lines say which.")
+                            "none), else a resumed checkpoint's (for `hftk eval`, the saved run's), else fp32 for "
+                            "decoder-only models (faster here) and bf16 on a GPU or CPU with native bf16. The log's "
+                            "first lines say which.")
     fast_dropout: bool = Field(
         True, description="On CPUs, dropout masks from a vectorised counter hash seeded by torch's generator (same "
                           "rate and scaling, about 3x cheaper than torch's serial draws); false: torch's own. "

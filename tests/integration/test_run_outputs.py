@@ -50,6 +50,34 @@ def test_eval_writes_beside_the_run_not_over_it(finished):
     assert {name: (run / name).read_text() for name in own} == own
 
 
+def test_eval_under_auto_scores_in_the_precision_the_run_trained_in(finished, monkeypatch, tmp_path):
+    """The run trained in fp32 on a CPU that auto would put in bf16: hftk eval follows the run (its newest
+    checkpoint records fp32) and reproduces its last evaluation; a copy of the model alone, without the
+    checkpoints, is evaluated as a new run would train (bf16 here)."""
+    import shutil
+
+    from hftk import precision
+
+    monkeypatch.setattr(precision, "native_bf16", lambda device: True)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    recipe, run = finished
+    own = json.loads((run / "all_results.json").read_text())
+    result = run_hftk("eval", str(recipe), "train.bf16=auto", "--output-dir", str(tmp_path / "same"))
+    assert result.returncode == 0, result.stderr
+    assert f"precision: fp32 (train.bf16=auto: as the run that saved {run} trained)" in result.stderr
+    again = json.loads((tmp_path / "same" / "eval_results.json").read_text())
+    assert again["eval_loss"] == pytest.approx(own["eval_loss"], rel=1e-6)
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("checkpoint-*"))
+    result = run_hftk("eval", str(recipe), "train.bf16=auto", "--model", str(copy), "--output-dir",
+                      str(tmp_path / "fresh"))
+    assert result.returncode == 0, result.stderr
+    assert "precision: bf16 autocast (train.bf16=auto: this CPU has native bf16)" in result.stderr
+    fresh = json.loads((tmp_path / "fresh" / "eval_results.json").read_text())
+    assert fresh["eval_loss"] != pytest.approx(own["eval_loss"], rel=1e-6), "bf16 scores a little differently"
+
+
 def test_results_recipe_and_card_read_well(finished):
     _, run = finished
     text = (run / "all_results.json").read_text()
