@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hftk import checkpoint, experiment_trackers, hub, metrics, run_dir, tokenizer_files
+from hftk.errors import UserError
 from hftk.logs import log
 from hftk.recipe import Recipe
 
@@ -117,9 +118,15 @@ def run_precision(plan: Plan) -> Resolved:
     from hftk.precision import device_type, resolve_precision
 
     family, device = plan.encoding.family, device_type()
-    if plan.resume_from is not None:
-        return checkpoint.resumed_precision(plan.resume_from, plan.recipe, family, device)
-    return resolve_precision(plan.recipe.train.bf16, family, device)
+    if plan.resume_from is None:
+        return resolve_precision(plan.recipe.train.bf16, family, device)
+    resolved = checkpoint.resumed_precision(plan.resume_from, plan.recipe, family, device)
+    if resolved.mixed_precision == "fp16" and not resolved.launcher and device != "cuda":
+        # auto follows the checkpoint, and a resume keeps its precision (checkpoint.check_compatible)
+        raise UserError(f"train.resume_from_checkpoint: {plan.resume_from.name} trained in fp16, which cannot run "
+                        f"on this {device.upper()}; resume it on a CUDA GPU, or start afresh in another "
+                        f"train.output_dir")
+    return resolved
 
 
 def saved_run_precision(plan: Plan, model_dir: str) -> Resolved:

@@ -4,6 +4,7 @@ launcher's mixed_precision and a resumed checkpoint; what the Accelerator gets a
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,26 @@ def test_the_accelerator_trains_as_resolved_and_the_log_says_so(tmp_path, monkey
     assert accelerator.mixed_precision == "bf16"
     # the run logs this line once its inputs are checked (hftk.run.setup_training)
     assert resolved.line() == "precision: bf16 autocast (train.bf16=auto: this CPU has native bf16)"
+
+
+def test_an_fp16_checkpoint_off_a_gpu_is_refused_naming_the_checkpoint(tmp_path, no_launcher):
+    """A run stopped after checkpoint-2, as if trained in fp16 on a GPU: resumed here under auto, it would train
+    in fp16 (a resume keeps its precision), which a CPU cannot. One line names the checkpoint, not the
+    accelerate config, before any model loads."""
+    from hftk.run_dir import RUN_MANIFEST
+    from tests.conftest import run_hftk, write_recipe
+
+    path = write_recipe(tmp_path, tiny_recipe(tmp_path, train={"max_steps": 4, "save_steps": 2, "bf16": "auto"}))
+    assert run_hftk("finetune", str(path)).returncode == 0
+    run = tmp_path / "run"
+    shutil.rmtree(run / "checkpoint-4")
+    manifest = run / RUN_MANIFEST
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "finished": False}))
+    saved = run / "checkpoint-2" / MANIFEST
+    saved.write_text(json.dumps({**json.loads(saved.read_text()), "precision": "fp16"}))
+    before = sorted(p.name for p in run.iterdir())
+    result = run_hftk("finetune", str(path), "train.resume_from_checkpoint=latest")
+    assert result.returncode == EXIT_BAD_INPUT
+    [line] = result.stderr.strip().splitlines()
+    assert "checkpoint-2 trained in fp16, which cannot run on this CPU" in line and "accelerate config" not in line
+    assert sorted(p.name for p in run.iterdir()) == before
