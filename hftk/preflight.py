@@ -120,13 +120,24 @@ def run_precision(plan: Plan) -> Resolved:
     family, device = plan.encoding.family, device_type()
     if plan.resume_from is None:
         return resolve_precision(plan.recipe.train.bf16, family, device)
-    resolved = checkpoint.resumed_precision(plan.resume_from, plan.recipe, family, device)
+    check_resumable_precision(plan.resume_from, plan.recipe)
+    return checkpoint.resumed_precision(plan.resume_from, plan.recipe, family, device)
+
+
+def check_resumable_precision(resume_from: Path, recipe: Recipe) -> None:
+    """A resume keeps its checkpoint's precision (checkpoint.check_compatible) and auto follows it, so a
+    checkpoint trained in fp16 cannot resume where fp16 cannot run. Reads the manifest first: torch is
+    imported only for an fp16 checkpoint (a remembered validate answer imports none)."""
+    saved = checkpoint.saved_precision(resume_from)
+    if saved != "fp16":
+        return
+    from hftk.precision import device_type, resolve_precision
+
+    resolved, device = resolve_precision(recipe.train.bf16, saved=saved), device_type()
     if resolved.mixed_precision == "fp16" and not resolved.launcher and device != "cuda":
-        # auto follows the checkpoint, and a resume keeps its precision (checkpoint.check_compatible)
-        raise UserError(f"train.resume_from_checkpoint: {plan.resume_from.name} trained in fp16, which cannot run "
+        raise UserError(f"train.resume_from_checkpoint: {resume_from.name} trained in fp16, which cannot run "
                         f"on this {device.upper()}; resume it on a CUDA GPU, or start afresh in another "
                         f"train.output_dir")
-    return resolved
 
 
 def saved_run_precision(plan: Plan, model_dir: str) -> Resolved:

@@ -178,3 +178,5 @@ def test_an_fp16_checkpoint_off_a_gpu_is_refused_naming_the_checkpoint(tmp_path,
     [line] = result.stderr.strip().splitlines()
     assert "checkpoint-2 trained in fp16, which cannot run on this CPU" in line and "accelerate config" not in line
     assert sorted(p.name for p in run.iterdir()) == before
+    checked = run_hftk("validate", str(path), "train.resume_from_checkpoint=latest")
+    assert checked.returncode == EXIT_BAD_INPUT and checked.stderr.strip() == line
