@@ -69,6 +69,11 @@ def native_bf16(device: str) -> bool:
     return False
 
 
+def fp16_runs_on(device: str) -> bool:
+    """fp16 autocast needs a CUDA GPU (hftk.parallel.launch refuses it elsewhere)."""
+    return device == "cuda"
+
+
 def resolve_precision(setting: bool | str, family: str | None = None, device: str | None = None,
                       launcher: str | None = None, saved: str | None = None,
                       saved_by: str = "the resumed checkpoint") -> Resolved:

@@ -117,27 +117,24 @@ def run_precision(plan: Plan) -> Resolved:
     """train.bf16 resolved for this launch: as the checkpoint a resume starts from trained, where auto."""
     from hftk.precision import device_type, resolve_precision
 
-    family, device = plan.encoding.family, device_type()
-    if plan.resume_from is None:
-        return resolve_precision(plan.recipe.train.bf16, family, device)
-    check_resumable_precision(plan.resume_from, plan.recipe)
-    return checkpoint.resumed_precision(plan.resume_from, plan.recipe, family, device)
+    if plan.resume_from is not None:
+        return resumed_run_precision(plan.resume_from, plan.recipe)
+    return resolve_precision(plan.recipe.train.bf16, plan.encoding.family, device_type())
 
 
-def check_resumable_precision(resume_from: Path, recipe: Recipe) -> None:
-    """A resume keeps its checkpoint's precision (checkpoint.check_compatible) and auto follows it, so a
-    checkpoint trained in fp16 cannot resume where fp16 cannot run. Reads the manifest first: torch is
-    imported only for an fp16 checkpoint (a remembered validate answer imports none)."""
-    saved = checkpoint.saved_precision(resume_from)
-    if saved != "fp16":
-        return
-    from hftk.precision import device_type, resolve_precision
+def resumed_run_precision(resume_from: Path, recipe: Recipe) -> Resolved:
+    """train.bf16 resolved for a resume: a resume keeps its checkpoint's precision (checkpoint.check_compatible)
+    and auto follows it, so neither family nor device is asked, and a checkpoint trained in fp16 cannot resume
+    where fp16 cannot run. torch is imported only for an fp16 checkpoint (a remembered validate answer
+    imports none)."""
+    from hftk.precision import device_type, fp16_runs_on
 
-    resolved, device = resolve_precision(recipe.train.bf16, saved=saved), device_type()
-    if resolved.mixed_precision == "fp16" and not resolved.launcher and device != "cuda":
+    resolved = checkpoint.resumed_precision(resume_from, recipe)
+    if resolved.mixed_precision == "fp16" and not resolved.launcher and not fp16_runs_on(device := device_type()):
         raise UserError(f"train.resume_from_checkpoint: {resume_from.name} trained in fp16, which cannot run "
                         f"on this {device.upper()}; resume it on a CUDA GPU, or start afresh in another "
                         f"train.output_dir")
+    return resolved
 
 
 def saved_run_precision(plan: Plan, model_dir: str) -> Resolved:
@@ -145,15 +142,13 @@ def saved_run_precision(plan: Plan, model_dir: str) -> Resolved:
     newest checkpoint records it), so the model scores as in that run's own last evaluation. A model without
     checkpoints beside it (copied, downloaded), or one trained in fp16 evaluated where fp16 cannot run,
     resolves as a new run would."""
-    from hftk.precision import device_type, resolve_precision
+    from hftk.precision import device_type, fp16_runs_on, resolve_precision
 
     latest = checkpoint.latest_checkpoint(Path(model_dir))
     saved = checkpoint.saved_precision(latest) if latest is not None else None
-    device = device_type()
-    if saved is None or (saved == "fp16" and device != "cuda"):  # as launch.launch_problems refuses it
+    if saved is None or (saved == "fp16" and not fp16_runs_on(device_type())):
         return run_precision(plan)
-    return resolve_precision(plan.recipe.train.bf16, plan.encoding.family, device, saved=saved,
-                             saved_by=f"the run that saved {model_dir}")
+    return resolve_precision(plan.recipe.train.bf16, saved=saved, saved_by=f"the run that saved {model_dir}")
 
 
 def check_inputs(recipe: Recipe) -> Plan:

@@ -26,7 +26,7 @@ from typing import Any
 from hftk import checkpoint
 from hftk.cache import cache_root
 from hftk.logs import log
-from hftk.preflight import check_resumable_precision, check_surroundings, with_prefix
+from hftk.preflight import check_surroundings, resumed_run_precision, with_prefix
 from hftk.recipe import Recipe
 
 # The libraries whose code takes part in the input checks; a new version may answer differently.
@@ -50,7 +50,7 @@ def validate(recipe: Recipe, remember: bool = True) -> list[str]:
     if resume_from is not None:
         resolved = with_prefix(recipe, answer.get("source_prefix"))  # as finetune resolves it
         checkpoint.check_compatible(resume_from, resolved, answer["train_digest"])
-        check_resumable_precision(resume_from, resolved)
+        resumed_run_precision(resume_from, resolved)  # refuses an fp16 checkpoint where fp16 cannot run
     return [answer["verdict"], *(f"note: {note}" for note in notes)]
 
 
