@@ -162,7 +162,7 @@ def test_an_fp16_checkpoint_off_a_gpu_is_refused_naming_the_checkpoint(tmp_path,
     in fp16 (a resume keeps its precision), which a CPU cannot. One line names the checkpoint, not the
     accelerate config, before any model loads."""
     from hftk.run_dir import RUN_MANIFEST
-    from tests.conftest import run_hftk, write_recipe
+    from tests.conftest import digest, run_hftk, write_recipe
 
     path = write_recipe(tmp_path, tiny_recipe(tmp_path, train={"max_steps": 4, "save_steps": 2, "bf16": "auto"}))
     assert run_hftk("finetune", str(path)).returncode == 0
@@ -172,11 +172,11 @@ def test_an_fp16_checkpoint_off_a_gpu_is_refused_naming_the_checkpoint(tmp_path,
     manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "finished": False}))
     saved = run / "checkpoint-2" / MANIFEST
     saved.write_text(json.dumps({**json.loads(saved.read_text()), "precision": "fp16"}))
-    before = sorted(p.name for p in run.iterdir())
+    before = digest(run)
     result = run_hftk("finetune", str(path), "train.resume_from_checkpoint=latest")
     assert result.returncode == EXIT_BAD_INPUT
     [line] = result.stderr.strip().splitlines()
     assert "checkpoint-2 trained in fp16, which cannot run on this CPU" in line and "accelerate config" not in line
-    assert sorted(p.name for p in run.iterdir()) == before
+    assert digest(run) == before  # nothing written, nothing removed
     checked = run_hftk("validate", str(path), "train.resume_from_checkpoint=latest")
     assert checked.returncode == EXIT_BAD_INPUT and checked.stderr.strip() == line
